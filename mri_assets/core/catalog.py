@@ -1,0 +1,316 @@
+"""The DuckDB catalogue: what landed, what was accepted or rejected, and the train/test sets.
+
+Every function takes an open DuckDB connection; none opens one, so the caller decides locking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS landing_ledger (
+    source_key VARCHAR PRIMARY KEY,
+    split_folder VARCHAR NOT NULL,
+    fingerprint VARCHAR NOT NULL,
+    outcome VARCHAR NOT NULL,           -- accepted | rejected
+    processed_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS landed_images (
+    source_key VARCHAR PRIMARY KEY,
+    split_folder VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    label VARCHAR NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    source_mode VARCHAR,
+    source_format VARCHAR,
+    size_bytes BIGINT,
+    first_seen TIMESTAMP NOT NULL,
+    updated_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS landing_rejections (
+    source_key VARCHAR NOT NULL,
+    split_folder VARCHAR NOT NULL,
+    fingerprint VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    detail VARCHAR,
+    rejected_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (source_key, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS dataset_versions (
+    version VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,
+    images INTEGER NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (version, split)
+);
+CREATE TABLE IF NOT EXISTS dataset_members (
+    version VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    label VARCHAR NOT NULL
+);
+"""
+
+# First come, first served: an image belongs to the split it was first seen in (test wins a tie,
+# so the held-out set is never thinned by a simultaneous train copy); later copies of the same
+# content are recorded as duplicates with the reason, and content carrying two labels is excluded.
+IMAGES_QUERY = """
+WITH ranked AS (
+    SELECT *,
+        row_number() OVER owner_order AS copy_rank,
+        first_value(source_key) OVER owner_order AS owner_key,
+        first_value(split_folder) OVER owner_order AS owner_split,
+        min(label) OVER (PARTITION BY sha256) AS min_label,
+        max(label) OVER (PARTITION BY sha256) AS max_label
+    FROM landed_images
+    WINDOW owner_order AS (
+        PARTITION BY sha256
+        ORDER BY first_seen, CASE split_folder WHEN 'test' THEN 0 ELSE 1 END, source_key
+        ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING
+    )
+)
+SELECT
+    source_key,
+    sha256,
+    label,
+    split_folder AS landing_split,
+    CASE
+        WHEN min_label <> max_label THEN 'conflict'
+        WHEN copy_rank = 1 THEN split_folder
+        ELSE 'duplicate'
+    END AS split,
+    CASE
+        WHEN min_label <> max_label
+            THEN 'the same content is labelled both ' || min_label || ' and ' || max_label
+        WHEN copy_rank = 1 THEN NULL
+        WHEN owner_split <> split_folder
+            THEN 'same content as ' || owner_key || ', already in the ' || owner_split || ' split'
+        ELSE 'same content as ' || owner_key
+    END AS split_reason,
+    width,
+    height,
+    source_format,
+    first_seen
+FROM ranked
+ORDER BY source_key
+"""
+
+REJECTED_QUERY = """
+SELECT r.source_key, r.split_folder, r.reason, r.detail, r.rejected_at,
+       a.source_key IS NOT NULL AS earlier_version_kept
+FROM landing_rejections r
+JOIN landing_ledger l ON l.source_key = r.source_key AND l.fingerprint = r.fingerprint
+LEFT JOIN landed_images a ON a.source_key = r.source_key
+ORDER BY r.source_key
+"""
+
+
+# DuckDB keeps a result open until it is fully fetched, so single rows are read with fetchall().
+
+
+def ensure_schema(conn) -> None:
+    conn.execute(SCHEMA)
+
+
+def ledger_fingerprints(conn, split_folder: str) -> dict[str, str]:
+    """source_key -> fingerprint of every object already processed in one landing split."""
+    ensure_schema(conn)
+    rows = conn.execute(
+        "SELECT source_key, fingerprint FROM landing_ledger WHERE split_folder = ?", [split_folder]
+    ).fetchall()
+    return dict(rows)
+
+
+def accepted_sha256s(conn) -> set[str]:
+    ensure_schema(conn)
+    return {row[0] for row in conn.execute("SELECT DISTINCT sha256 FROM landed_images").fetchall()}
+
+
+def record_ingest(conn, accepted: pd.DataFrame, rejected: pd.DataFrame, ledger: pd.DataFrame) -> None:
+    """Upsert one ingest batch in a single transaction: all of it lands or none of it."""
+    ensure_schema(conn)
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        if len(accepted):
+            conn.register("batch_accepted", accepted)
+            # A rewritten key keeps its first_seen: the image's place in the split is unchanged.
+            conn.execute(
+                """
+                INSERT INTO landed_images
+                SELECT b.source_key, b.split_folder, b.sha256, b.label, b.width, b.height,
+                       b.source_mode, b.source_format, b.size_bytes,
+                       coalesce(old.first_seen, b.processed_at), b.processed_at
+                FROM batch_accepted b LEFT JOIN landed_images old USING (source_key)
+                ON CONFLICT (source_key) DO UPDATE SET
+                    sha256 = excluded.sha256, label = excluded.label, width = excluded.width,
+                    height = excluded.height, source_mode = excluded.source_mode,
+                    source_format = excluded.source_format, size_bytes = excluded.size_bytes,
+                    updated_at = excluded.updated_at
+                """
+            )
+            conn.unregister("batch_accepted")
+        if len(rejected):
+            conn.register("batch_rejected", rejected)
+            conn.execute(
+                """
+                INSERT INTO landing_rejections
+                SELECT source_key, split_folder, fingerprint, reason, detail, processed_at
+                FROM batch_rejected ON CONFLICT DO NOTHING
+                """
+            )
+            conn.unregister("batch_rejected")
+        if len(ledger):
+            conn.register("batch_ledger", ledger)
+            conn.execute(
+                """
+                INSERT INTO landing_ledger
+                SELECT source_key, split_folder, fingerprint, outcome, processed_at FROM batch_ledger
+                ON CONFLICT (source_key) DO UPDATE SET
+                    fingerprint = excluded.fingerprint, outcome = excluded.outcome,
+                    processed_at = excluded.processed_at
+                """
+            )
+            conn.unregister("batch_ledger")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def rebuild_images(conn) -> pd.DataFrame:
+    """Recreate the ``images`` table (one row per accepted file, its split resolved)."""
+    ensure_schema(conn)
+    conn.execute(f"CREATE OR REPLACE TABLE images AS {IMAGES_QUERY}")
+    return conn.execute("SELECT * FROM images").df()
+
+
+def rebuild_rejected_images(conn) -> pd.DataFrame:
+    """Recreate ``rejected_images``: every landed object whose latest version was rejected."""
+    ensure_schema(conn)
+    conn.execute(f"CREATE OR REPLACE TABLE rejected_images AS {REJECTED_QUERY}")
+    return conn.execute("SELECT * FROM rejected_images").df()
+
+
+@dataclass(frozen=True)
+class SplitSnapshot:
+    """The images of one split at one moment, with a version derived from their content."""
+
+    split: str
+    version: str
+    sha256s: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.sha256s)
+
+    def counts(self) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for label in self.labels:
+            result[label] = result.get(label, 0) + 1
+        return dict(sorted(result.items()))
+
+
+def dataset_version(sha256s: tuple[str, ...], labels: tuple[str, ...]) -> str:
+    """Content version of a set of labelled images: order-free, 16 hex digits."""
+    digest = hashlib.sha256()
+    for sha, label in sorted(zip(sha256s, labels, strict=True)):
+        digest.update(f"{sha}\t{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def snapshot_from_images(conn, split: str) -> SplitSnapshot:
+    """Select one split out of the ``images`` table."""
+    rows = conn.execute(
+        "SELECT sha256, label FROM images WHERE split = ? ORDER BY sha256", [split]
+    ).fetchall()
+    sha256s = tuple(r[0] for r in rows)
+    labels = tuple(r[1] for r in rows)
+    return SplitSnapshot(split, dataset_version(sha256s, labels), sha256s, labels)
+
+
+def record_split_table(conn, split: str) -> SplitSnapshot:
+    """Freeze the current ``split`` rows of ``images`` into the ``<split>_images`` table.
+
+    Also records the version and its members so evaluations can name exactly what they used.
+    """
+    ensure_schema(conn)
+    snapshot = snapshot_from_images(conn, split)
+    table = f"{split}_images"
+    conn.execute(
+        f"CREATE OR REPLACE TABLE {table} AS "
+        "SELECT source_key, sha256, label, width, height, first_seen FROM images "
+        "WHERE split = ? ORDER BY sha256",
+        [split],
+    )
+    exists = conn.execute(
+        "SELECT count(*) FROM dataset_versions WHERE version = ? AND split = ?",
+        [snapshot.version, split],
+    ).fetchall()[0][0]
+    if not exists:
+        members = pd.DataFrame(
+            {"version": snapshot.version, "split": split,
+             "sha256": list(snapshot.sha256s), "label": list(snapshot.labels)}
+        )
+        conn.register("new_members", members)
+        conn.execute("INSERT INTO dataset_members SELECT * FROM new_members")
+        conn.unregister("new_members")
+        conn.execute(
+            "INSERT INTO dataset_versions VALUES (?, ?, ?, now())",
+            [snapshot.version, split, len(snapshot)],
+        )
+    return snapshot
+
+
+def read_split_table(conn, split: str) -> SplitSnapshot:
+    """The last frozen ``<split>_images`` table, as a snapshot (empty if never materialized)."""
+    table = f"{split}_images"
+    present = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+    ).fetchall()[0][0]
+    if not present:
+        raise LookupError(
+            f"table {table} does not exist yet: materialize the {table} asset first"
+        )
+    rows = conn.execute(f"SELECT sha256, label FROM {table} ORDER BY sha256").fetchall()
+    sha256s = tuple(r[0] for r in rows)
+    labels = tuple(r[1] for r in rows)
+    return SplitSnapshot(split, dataset_version(sha256s, labels), sha256s, labels)
+
+
+def known_images(conn) -> dict:
+    """sha256 -> KnownImage for all accepted content, so re-landed content is not decoded."""
+    from mri_assets.core.ingest import KnownImage
+
+    ensure_schema(conn)
+    rows = conn.execute(
+        "SELECT sha256, any_value(width), any_value(height), any_value(source_mode), "
+        "any_value(source_format) FROM landed_images GROUP BY sha256"
+    ).fetchall()
+    return {r[0]: KnownImage(r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def landing_totals(conn, split_folder: str) -> dict[str, int]:
+    """Accepted and rejected object counts of one landing split, and a version of its ledger."""
+    ensure_schema(conn)
+    accepted, rejected, version = conn.execute(
+        """
+        SELECT count(*) FILTER (WHERE outcome = 'accepted'),
+               count(*) FILTER (WHERE outcome = 'rejected'),
+               coalesce(md5(string_agg(source_key || '\t' || fingerprint, '\n' ORDER BY source_key)), '')
+        FROM landing_ledger WHERE split_folder = ?
+        """,
+        [split_folder],
+    ).fetchall()[0]
+    return {"accepted": accepted, "rejected": rejected, "version": version[:16]}
+
+
+def table_version(conn, table: str) -> str:
+    """A content hash of a whole table, used as the asset's data version."""
+    row = conn.execute(
+        f"SELECT coalesce(md5(string_agg(CAST(t AS VARCHAR), '\n' ORDER BY CAST(t AS VARCHAR))), '') FROM {table} t"
+    ).fetchall()[0]
+    return row[0][:16]

@@ -1,0 +1,87 @@
+"""Batched inference: class probabilities and backbone embeddings from cached pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mri_assets.core.model import Preprocessing, preprocess_pixels
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+def predict_probabilities(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    pixels: list[np.ndarray],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Softmax probabilities (N, num_classes), columns in logit (ClassSpec) order.
+
+    ``pixels`` are (H, W, 3) uint8 RGB arrays of any sizes; they are resized and normalised per
+    batch so memory stays bounded by ``batch_size`` images.
+    """
+    import torch
+
+    if not pixels:
+        return np.zeros((0, int(model.config.num_labels)), dtype=np.float32)
+    chunks = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            batch = preprocess_pixels(pixels[start : start + batch_size], preprocessing)
+            chunks.append(torch.softmax(model(pixel_values=batch).logits, dim=-1).numpy())
+    return np.concatenate(chunks)
+
+
+def logits_of(model: PreTrainedModel, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Logits for an already preprocessed batch (N, 3, S, S), in eval mode and without grad."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(pixel_values=part).logits for part in _batches(inputs, batch_size)])
+
+
+def embed(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    pixels: list[np.ndarray],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Pooled backbone features (N, D) as float32: what the classifier head sees."""
+    import torch
+
+    if not pixels:
+        return np.zeros((0, 0), dtype=np.float32)
+    chunks = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            batch = preprocess_pixels(pixels[start : start + batch_size], preprocessing)
+            chunks.append(pooled_features(model, batch).numpy())
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def pooled_features(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
+    """Backbone output pooled to one vector per image (N, D).
+
+    Works for models whose base model returns ``pooler_output`` (ResNet, ConvNeXt, ...), the
+    input their ``classifier`` head takes.
+    """
+    pooled = getattr(model.base_model(pixel_values=batch), "pooler_output", None)
+    if pooled is None:
+        raise ValueError(
+            f"{type(model).__name__} has no pooled backbone output; linear_probe needs a model "
+            "whose base model returns pooler_output (e.g. ResNet, ConvNeXt)"
+        )
+    return pooled.flatten(1)
+
+
+def _batches(inputs: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, inputs.shape[0], batch_size):
+        yield inputs[start : start + batch_size]

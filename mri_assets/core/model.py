@@ -1,0 +1,301 @@
+"""Model factory: the base classifier named by MRI_BASE_MODEL, and the tensors it eats.
+
+torch and transformers are imported inside functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mri_assets.core.labels import ClassSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+EMBEDDED = "embedded"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# Weight formats that torch.load would unpickle, i.e. that can run arbitrary code when loaded.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+# The embedded model: a small ResNet trained from scratch, sized so that a full fine-tune on a
+# few hundred 128 px images takes well under two minutes on two CPU cores.
+EMBEDDED_SEED = 0
+EMBEDDED_IMAGE_SIZE = 128
+EMBEDDED_ARCHITECTURE: dict[str, Any] = {
+    "num_channels": 3,
+    "embedding_size": 32,
+    "hidden_sizes": [32, 64, 128, 256],
+    "depths": [1, 1, 1, 1],
+    "layer_type": "basic",
+    "hidden_act": "relu",
+    "downsample_in_first_stage": False,
+}
+
+
+class UnsafeWeightsError(ValueError):
+    """A model folder offers only pickle-based weights, which are never loaded."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become model input: square resize to ``image_size``, then (x/255 - mean) / std."""
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def with_size(self, image_size: int | None) -> Preprocessing:
+        """The same normalisation at another image size (None keeps this one)."""
+        if image_size is None or image_size == self.image_size:
+            return self
+        return Preprocessing(int(image_size), self.mean, self.std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class BaseModel:
+    """A classifier ready to fine-tune, with its preprocessing and where it came from."""
+
+    model: PreTrainedModel
+    preprocessing: Preprocessing
+    spec: str  # what MRI_BASE_MODEL said
+    source: str  # the folder or hub id the weights were read from
+
+
+def label_maps(classes: ClassSpec) -> tuple[dict[int, str], dict[str, int]]:
+    """``id2label`` and ``label2id`` in ClassSpec order (logit index = position in names)."""
+    id2label = dict(enumerate(classes.names))
+    return id2label, {name: index for index, name in id2label.items()}
+
+
+def load_base_model(spec: str, classes: ClassSpec, base_root: str | Path) -> BaseModel:
+    """The base classifier named by ``spec`` (MRI_BASE_MODEL), with a fresh two-class head.
+
+    ``spec`` is ``"embedded"`` (a small ResNet created once under ``base_root`` and read from
+    disk ever after), a local folder written by ``save_pretrained``, or a hub id. Only
+    safetensors weights are read; a folder holding only pickle weights raises UnsafeWeightsError.
+    """
+    spec = (spec or EMBEDDED).strip()
+    if spec == EMBEDDED:
+        folder = ensure_embedded_base(base_root)
+        return BaseModel(_from_pretrained(folder, classes), read_preprocessing(folder), spec, str(folder))
+    if Path(spec).is_dir():
+        refuse_pickle_only(Path(spec))
+    return BaseModel(_from_pretrained(spec, classes), _hub_preprocessing(spec), spec, spec)
+
+
+def embedded_folder(base_root: str | Path) -> Path:
+    """Folder of the embedded base model; its name changes whenever its architecture does."""
+    recipe = json.dumps(
+        {"architecture": EMBEDDED_ARCHITECTURE, "seed": EMBEDDED_SEED, "size": EMBEDDED_IMAGE_SIZE},
+        sort_keys=True,
+    )
+    return Path(base_root) / f"embedded-resnet-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+
+
+def ensure_embedded_base(base_root: str | Path) -> Path:
+    """Create the embedded base model on disk if it is not there yet; return its folder.
+
+    Created in a temporary sibling folder and renamed into place, so a reader never sees half a
+    model and two processes racing both end up with the same (seeded) weights.
+    """
+    folder = embedded_folder(base_root)
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-embedded-", dir=folder.parent))
+    try:
+        with quiet_transformers():
+            _new_embedded_model().save_pretrained(staging)
+        save_preprocessing(Preprocessing(EMBEDDED_IMAGE_SIZE), staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not (folder / "model.safetensors").exists():
+                raise  # not a lost race: a real failure
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _new_embedded_model() -> PreTrainedModel:
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(**EMBEDDED_ARCHITECTURE, num_labels=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EMBEDDED_SEED)
+        return ResNetForImageClassification(config)
+
+
+def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    id2label, label2id = label_maps(classes)
+    # A mismatched head (e.g. 1000 ImageNet classes) is re-initialised; seed it for repeatability.
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
+        torch.manual_seed(EMBEDDED_SEED)
+        model = AutoModelForImageClassification.from_pretrained(
+            str(source),
+            num_labels=len(classes.names),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=torch.float32,
+        )
+    return model.eval()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-file progress bars (noise in Dagster logs), then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _hub_preprocessing(spec: str) -> Preprocessing:
+    """Mean, std and size from the model's own image processor (hub id or local folder)."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(spec, trust_remote_code=False)
+    size = _size_from(dict(processor.size) if processor.size is not None else {})
+    return Preprocessing(
+        size,
+        _triple(getattr(processor, "image_mean", None), IMAGENET_MEAN),
+        _triple(getattr(processor, "image_std", None), IMAGENET_STD),
+    )
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """Raise UnsafeWeightsError if ``folder`` has pickle weights and no safetensors file."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    if pickles:
+        raise UnsafeWeightsError(
+            f"{folder} holds only pickle-based weights ({', '.join(pickles)}); only safetensors "
+            "are accepted, because unpickling can run arbitrary code. Re-save the model with "
+            "save_pretrained(..., safe_serialization=True) to get model.safetensors."
+        )
+
+
+def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None:
+    """Write ``preprocessor_config.json`` that AutoImageProcessor.from_pretrained can read."""
+    from transformers import ConvNextImageProcessorPil
+
+    processor = ConvNextImageProcessorPil(
+        size={"shortest_edge": preprocessing.image_size},
+        crop_pct=1.0,  # no crop: resize only, as preprocess_pixels does
+        image_mean=list(preprocessing.mean),
+        image_std=list(preprocessing.std),
+    )
+    processor.save_pretrained(str(folder))
+
+
+def read_preprocessing(folder: str | Path) -> Preprocessing:
+    """Parse a folder's ``preprocessor_config.json`` without importing transformers."""
+    config = json.loads((Path(folder) / PREPROCESSOR_CONFIG).read_text())
+    return Preprocessing(
+        _size_from(config.get("size") or {}, config.get("crop_size")),
+        _triple(config.get("image_mean"), IMAGENET_MEAN),
+        _triple(config.get("image_std"), IMAGENET_STD),
+    )
+
+
+def _size_from(size: dict[str, Any] | int, crop_size: dict[str, Any] | None = None) -> int:
+    if isinstance(size, int):
+        return size
+    for key in ("shortest_edge", "height", "width"):
+        if size.get(key):
+            return int(size[key])
+    if crop_size and crop_size.get("height"):
+        return int(crop_size["height"])
+    return 224
+
+
+def _triple(values: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if values is None:
+        return default
+    if isinstance(values, (int, float)):
+        return (float(values),) * 3
+    floats = tuple(float(v) for v in values)
+    return floats if len(floats) == 3 else default
+
+
+def preprocess_pixels(
+    pixels: list[np.ndarray], preprocessing: Preprocessing, chunk: int = 64
+) -> torch.Tensor:
+    """Cached (H, W, 3) uint8 RGB arrays -> normalised float32 batch (N, 3, S, S).
+
+    Images of one shape are resized together (bilinear, antialiased) in chunks of ``chunk``, so a
+    list of mixed sizes costs one interpolate call per shape and chunk, never one per image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = preprocessing.image_size
+    out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    for indices in _indices_by_shape(pixels):
+        for start in range(0, len(indices), chunk):
+            part = indices[start : start + chunk]
+            stacked = torch.from_numpy(np.stack([_as_rgb(pixels[i]) for i in part]))
+            batch = stacked.permute(0, 3, 1, 2).float()
+            if batch.shape[-2:] != (size, size):
+                batch = F.interpolate(
+                    batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )
+            out[torch.as_tensor(part)] = (batch - mean) / std
+    return out
+
+
+def _indices_by_shape(pixels: list[np.ndarray]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, array in enumerate(pixels):
+        groups.setdefault(tuple(array.shape[:2]), []).append(index)
+    return list(groups.values())
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:  # tolerate grayscale arrays, though the pixel cache stores RGB
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) RGB pixels, got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.uint8)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, shapes, bytes): same weights, same id."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

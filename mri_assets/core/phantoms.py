@@ -1,0 +1,510 @@
+"""Synthetic T2-weighted axial MRI slices of gliomas and meningiomas, and a landing-zone writer.
+
+Everything is drawn analytically in a head-centred frame (x to the patient's left-right, y from
+front to back, units where the field of view spans -1..1) so one code path serves any output
+size. Only numpy and PIL are needed: smooth random fields come from FFT-filtered white noise.
+
+The two classes differ only in morphology a radiologist would use, never in a global statistic:
+gliomas sit inside the parenchyma with blurred margins and finger-like oedema, meningiomas sit on
+the dura with sharp margins and a CSF cleft. Size, side, lobe and brightness are drawn from
+overlapping distributions.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+CLASSES = ("glioma", "meningioma")
+SPLITS = ("train", "test")
+
+# Folder names for the "class folder" convention; files in them are just numbered.
+_CLASS_FOLDERS = {"glioma": "Glioma T2", "meningioma": "Meningioma T2"}
+# Cycled by index: half PNG, and both JPEG spellings.
+_SUFFIXES = (".png", ".jpg", ".png", ".jpeg")
+_JPEG_QUALITY = 90
+
+# Radial profile of the head outside the brain, in normalised elliptic radius (1 = skin surface).
+_INNER_TABLE = 0.87
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _soft(x: np.ndarray, width: float) -> np.ndarray:
+    """Smooth step from 0 (x << 0) to 1 (x >> 0); width is in the units of x."""
+    return 0.5 * (1.0 + np.tanh(x / width))
+
+
+def _smooth_fields(rng: np.random.Generator, size: int, scales: Iterable[float]) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian random fields, one per correlation length (normalised units)."""
+    scales = list(scales)
+    white = rng.standard_normal((len(scales), size, size))
+    spectrum = np.fft.rfft2(white)
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    f2 = fx**2 + fy**2
+    sigma_px = np.asarray(scales)[:, None, None] * size / 2.0
+    fields = np.fft.irfft2(spectrum * np.exp(-2.0 * np.pi**2 * sigma_px**2 * f2), s=(size, size))
+    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    fields /= fields.std(axis=(1, 2), keepdims=True) + 1e-12
+    return fields
+
+
+def _harmonics(rng: np.random.Generator, ks: Iterable[int], amp: float, decay: float = 1.0
+               ) -> np.ndarray:
+    """Coefficients of a random periodic function: cosines with amplitude amp / k**decay."""
+    ks = list(ks)
+    coefficients = np.zeros(max(ks) + 1, dtype=complex)
+    for k in ks:
+        coefficients[k] = rng.normal(0.0, amp / k**decay) * np.exp(1j * rng.uniform(0, 2 * np.pi))
+    return coefficients
+
+
+def _periodic(coefficients: np.ndarray, z: np.ndarray | complex) -> np.ndarray:
+    """Evaluate Re(sum c_k z**k) at unit complex numbers z = exp(i angle), by Horner's rule
+    (much cheaper than one cosine per harmonic over the whole image)."""
+    total = np.zeros_like(z) + coefficients[-1]
+    for c in coefficients[-2::-1]:
+        total = total * z + c
+    return total.real
+
+
+def _unit(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance from the origin and exp(i angle) of each point, without trigonometry."""
+    r = np.hypot(dx, dy)
+    return r, (dx + 1j * dy) / np.maximum(r, 1e-9)
+
+
+def _blend(base: np.ndarray, value: np.ndarray | float, alpha: np.ndarray) -> np.ndarray:
+    return base * (1.0 - alpha) + value * alpha
+
+
+# --------------------------------------------------------------------------- head geometry
+
+
+@dataclass(frozen=True)
+class _Head:
+    """Per-subject head ellipse and the pose that maps it into the image."""
+
+    a: float  # left-right semi-axis
+    b: float  # front-back semi-axis
+    angle: float
+    shift: tuple[float, float]
+    shape: tuple[tuple[float, float, float], ...]  # (k, amplitude, phase) outline wobble
+    egg: float  # occiput wider than the forehead
+
+    def wobble(self, phi: np.ndarray | float) -> np.ndarray | float:
+        m = 1.0 + self.egg * np.sin(phi)
+        for k, amp, phase in self.shape:
+            m = m + amp * np.cos(k * phi + phase)
+        return m
+
+    def polar(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Elliptic radius (1 = skin) and elliptic angle of head-frame points."""
+        phi = np.arctan2(y / self.b, x / self.a)
+        rho = np.hypot(x / self.a, y / self.b) / self.wobble(phi)
+        return rho, phi
+
+    def surface_point(self, phi: float, rho: float) -> np.ndarray:
+        """Head-frame point at elliptic angle phi and elliptic radius rho."""
+        scale = rho * float(self.wobble(phi))
+        return np.array([self.a * np.cos(phi) * scale, self.b * np.sin(phi) * scale])
+
+    def inward_normal(self, point: np.ndarray) -> np.ndarray:
+        normal = -np.array([point[0] / self.a**2, point[1] / self.b**2])
+        return normal / np.linalg.norm(normal)
+
+
+def _random_head(rng: np.random.Generator) -> _Head:
+    shape = tuple((k, rng.normal(0, 0.012), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
+    return _Head(
+        a=rng.uniform(0.66, 0.76),
+        b=rng.uniform(0.80, 0.88),
+        angle=np.deg2rad(rng.uniform(-10, 10)),
+        shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
+        shape=shape,
+        egg=rng.uniform(0.0, 0.04),
+    )
+
+
+def _head_frame(head: _Head, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Head-frame coordinates of every pixel centre (undoing the head's rotation and shift)."""
+    t = (np.arange(size) + 0.5) / size * 2.0 - 1.0
+    yi, xi = np.meshgrid(t, t, indexing="ij")
+    xs, ys = xi - head.shift[0], yi - head.shift[1]
+    cos, sin = np.cos(head.angle), np.sin(head.angle)
+    return cos * xs + sin * ys, -sin * xs + cos * ys
+
+
+def _scalp_and_skull(rng: np.random.Generator, rho: np.ndarray, csf: float) -> np.ndarray:
+    """Intensity of everything outside the brain: CSF, inner table, marrow, outer table, fat, skin."""
+    j = rng.uniform(0.9, 1.15)  # skull and scalp thickness vary between subjects
+    edges = np.array([0.0, 0.020, 0.045, 0.063, 0.100, 0.130]) * j + _INNER_TABLE
+    edges[-1] = 1.0
+    values = [csf, 0.06, rng.uniform(0.25, 0.5), 0.06, rng.uniform(0.6, 0.8), 0.42, 0.0]
+    eps = 0.003
+    xs = [0.0]
+    ys = [values[0]]
+    for edge, before, after in zip(edges, values[:-1], values[1:], strict=True):
+        xs += [edge - eps, edge + eps]
+        ys += [before, after]
+    return np.interp(rho, xs, ys)
+
+
+# --------------------------------------------------------------------------- mass effect
+
+
+@dataclass(frozen=True)
+class _Push:
+    """A lesion that pushes the surrounding brain outward from its centre."""
+
+    centre: np.ndarray
+    radius: float
+    strength: float  # fraction of the radius by which the nearest tissue is displaced
+    reach: float  # decay length of the displacement
+
+
+def _warp(x: np.ndarray, y: np.ndarray, push: _Push) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel's brain content came from before the lesion pushed it (monotone, no folds)."""
+    dx, dy = x - push.centre[0], y - push.centre[1]
+    r = np.hypot(dx, dy) + 1e-9
+    outside = push.radius * push.strength * np.exp(-np.maximum(r - push.radius, 0) / push.reach)
+    source = np.where(r < push.radius, r * (1 - push.strength), r - outside)
+    factor = source / r
+    return push.centre[0] + dx * factor, push.centre[1] + dy * factor
+
+
+# --------------------------------------------------------------------------- brain anatomy
+
+
+@dataclass(frozen=True)
+class _Tissue:
+    wm: float
+    gm: float
+    csf: float
+
+
+def _ventricles(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, atrophy: float
+                ) -> tuple[np.ndarray, tuple[float, float]]:
+    """Lateral ventricles as two crescents bowing away from the midline, wider at the frontal horns."""
+    sep = rng.uniform(0.025, 0.05) * atrophy
+    half_len = rng.uniform(0.15, 0.25) * atrophy**0.5
+    width = rng.uniform(0.022, 0.042) * atrophy
+    y0 = rng.uniform(-0.1, 0.0)
+    bow = rng.uniform(0.8, 2.0)
+    vy = y - y0
+    widening = 1.0 + 0.7 * np.clip(-vy / half_len, 0, 1)
+    out = np.zeros_like(x)
+    for side in (-1.0, 1.0):
+        vx = side * x - sep - bow * vy**2
+        q = np.sqrt((vx / (width * widening)) ** 2 + (vy / half_len) ** 2)
+        out = np.maximum(out, _soft((1 - q) * width, 0.004))
+    return out, (y0 - half_len, y0 + half_len)
+
+
+def _deep_grey(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Thalami and basal ganglia: soft grey ovals either side of the ventricles."""
+    q = np.sqrt(((np.abs(x) - 0.15) / 0.06) ** 2 + ((y - 0.03) / 0.11) ** 2)
+    return 0.6 * _soft(1 - q, 0.15)
+
+
+def _brain(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head, tissue: _Tissue,
+           fields: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parenchyma intensity, brain mask and grey-matter weight at (possibly warped) head coords.
+
+    fields: [sulcal band-pass, texture, csf-rim wobble] random fields on the pixel grid.
+    """
+    rho, phi = head.polar(x, y)
+    atrophy = rng.uniform(0.8, 1.35)
+    rim = rng.uniform(0.012, 0.026) * atrophy
+    surface = _INNER_TABLE - rim * (1 + 0.4 * _harmonics(rng, phi, range(3, 9), 1.0))
+    depth = surface - rho
+    mask = _soft(depth, 0.004)
+
+    sulcal, texture = fields[0], fields[1]
+    sulcal_depth = rng.uniform(0.07, 0.11) * atrophy
+    within_sulcal_layer = _soft(sulcal_depth - depth, 0.01)
+    sulcus = np.exp(-((sulcal / 0.16) ** 2)) * within_sulcal_layer
+    ribbon = _soft(rng.uniform(0.03, 0.045) - depth, 0.006)
+    around_sulci = np.exp(-((sulcal / 0.55) ** 2)) * _soft(sulcal_depth + 0.03 - depth, 0.01)
+    grey = np.maximum(ribbon, around_sulci)
+    grey = np.maximum(grey, _deep_grey(x, y))
+
+    image = (tissue.wm + (tissue.gm - tissue.wm) * grey) * (1 + 0.05 * texture)
+    image = _blend(image, tissue.csf, 0.85 * sulcus)
+
+    ventricles, (front, back) = _ventricles(rng, x, y, atrophy)
+    image = _blend(image, tissue.csf, ventricles)
+    fissure = _soft(0.007 - np.abs(x), 0.002) * np.maximum(_soft(front - 0.04 - y, 0.01),
+                                                           _soft(y - back - 0.04, 0.01))
+    image = _blend(image, tissue.csf, 0.85 * fissure)
+    return image, mask, grey
+
+
+# --------------------------------------------------------------------------- lesions
+
+
+def _lesion_size(rng: np.random.Generator) -> float:
+    """Mean lesion radius; the same log-uniform law for both classes so size alone cannot decide."""
+    return float(np.exp(rng.uniform(np.log(0.075), np.log(0.21))))
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    """A rendered lesion: what to composite on top of the brain."""
+
+    intensity: np.ndarray
+    alpha: np.ndarray  # lesion core opacity
+    halo: np.ndarray  # oedema or cleft opacity
+    halo_intensity: np.ndarray | float
+    push: _Push
+
+
+def _glioma_centre(rng: np.random.Generator, head: _Head, reach: float) -> np.ndarray:
+    """A centre deep enough that the whole core keeps a layer of brain between it and the skull."""
+    gap = rng.uniform(0.06, 0.11)
+    phi = rng.uniform(0, 2 * np.pi)
+    # Elliptic radius grows at most 1/(a * wobble_min) per unit distance, so this bound is safe.
+    rho_max = _INNER_TABLE - 0.04 - (reach + gap) / (head.a * 0.94)
+    rho = rng.uniform(0.1, 1.0) ** 0.7 * max(rho_max, 0.05)
+    return head.surface_point(phi, rho)
+
+
+def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
+            tissue: _Tissue, fields: np.ndarray) -> _Lesion:
+    """Intra-axial, irregular, infiltrative, heterogeneous, with finger-like vasogenic oedema.
+
+    fields: [boundary roughness, core texture, oedema texture] random fields.
+    """
+    radius = _lesion_size(rng)
+    coefficients = [(k, rng.normal(0, 0.16 / k**0.8), rng.uniform(0, 2 * np.pi)) for k in range(1, 11)]
+    reach = radius * (1 + sum(abs(c) for _, c, _ in coefficients)) + 0.02
+    centre = _glioma_centre(rng, head, reach)
+    dx, dy = x - centre[0], y - centre[1]
+    r, psi = np.hypot(dx, dy), np.arctan2(dy, dx)
+    boundary = radius * (1 + sum(c * np.cos(k * psi + p) for k, c, p in coefficients))
+    boundary = np.maximum(boundary, 0.3 * radius)
+    # Ragged, fractal-ish edge: perturb the radial coordinate with a fine random field.
+    s = r / boundary + 0.1 * fields[0]
+    alpha = _soft((1 - s) * radius, rng.uniform(0.016, 0.03))
+
+    core = rng.uniform(0.62, 0.85) * (1 + 0.14 * fields[1])
+    if rng.random() < 0.55:  # necrotic, fluid-bright centre inside a thick darker wall
+        necrosis = _soft((rng.uniform(0.35, 0.6) - s) * radius, 0.008)
+        core = _blend(core * rng.uniform(0.7, 0.85), rng.uniform(0.85, 0.95), necrosis)
+
+    fingers = np.maximum(_harmonics(rng, psi, range(3, 15), 1.2, decay=0.5), -0.2)
+    extent = radius * rng.uniform(0.4, 1.5) * (0.5 + fingers)
+    oedema = _soft(boundary + extent - r + 0.02 * fields[2], 0.025)
+    push = _Push(centre, radius * 0.8, rng.uniform(0.25, 0.5), radius * 1.2 + 0.03)
+    return _Lesion(core, alpha, oedema * rng.uniform(0.7, 0.95), rng.uniform(0.6, 0.76), push)
+
+
+def _meningioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
+                tissue: _Tissue, fields: np.ndarray) -> _Lesion:
+    """Extra-axial dural-based mass: broad base on the inner table, sharp lobulated edge, CSF cleft."""
+    radius = _lesion_size(rng)
+    phi0 = rng.uniform(0, 2 * np.pi)
+    base = head.surface_point(phi0, _INNER_TABLE)
+    embed = rng.uniform(0.3, 0.7)  # < 1: the sphere's cap is cut off by the skull -> broad base
+    centre = base + head.inward_normal(base) * embed * radius
+    dx, dy = x - centre[0], y - centre[1]
+    r, psi = np.hypot(dx, dy), np.arctan2(dy, dx)
+    boundary = radius * (1 + _harmonics(rng, psi, range(2, 6), 0.1, decay=0.7))
+
+    rho, phi = head.polar(x, y)
+    intracranial = _soft(_INNER_TABLE - rho, 0.003)
+    alpha = _soft(boundary - r, 0.003) * intracranial
+    if rng.random() < 0.5:
+        alpha = np.maximum(alpha, _dural_tail(rng, rho, phi, phi0, radius, embed, base) * intracranial)
+
+    intensity = rng.uniform(0.46, 0.68) * (1 + 0.04 * fields[1])
+    cleft_width = rng.uniform(0.018, 0.03)
+    cleft = np.clip(_soft(boundary + cleft_width - r, 0.003) - alpha, 0, 1) * intracranial
+    cleft_value = tissue.csf if rng.random() < 0.75 else 0.12  # CSF or a dark vascular rim
+    if rng.random() < 0.3:  # some meningiomas have mild oedema beyond the cleft
+        mild = _soft(boundary + radius * rng.uniform(0.2, 0.5) - r + 0.02 * fields[2], 0.025)
+        halo_value = _blend(np.full_like(r, rng.uniform(0.55, 0.68)), cleft_value, cleft)
+        halo = np.maximum(cleft, 0.6 * mild * intracranial)
+    else:
+        halo, halo_value = cleft, cleft_value
+    push = _Push(centre, radius, rng.uniform(0.6, 0.85), radius * 0.8 + 0.03)
+    return _Lesion(intensity, alpha, halo, halo_value, push)
+
+
+def _dural_tail(rng: np.random.Generator, rho: np.ndarray, phi: np.ndarray, phi0: float,
+                radius: float, embed: float, base: np.ndarray) -> np.ndarray:
+    """Thin tapering dural thickening running along the inner table from the tumour's base."""
+    half_base = radius * np.sqrt(1 - embed**2) / np.linalg.norm(base)
+    length = rng.uniform(0.08, 0.2)
+    off = np.abs(np.angle(np.exp(1j * (phi - phi0))))
+    taper = np.clip(1 - (off - half_base) / length, 0, 1) * (off < half_base + length)
+    thickness = 0.022 * taper
+    return _soft(thickness - (_INNER_TABLE - rho), 0.003) * (rho < _INNER_TABLE + 0.005)
+
+
+# --------------------------------------------------------------------------- whole slice
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A rendered slice with the ground truth a test or a figure may want."""
+
+    image: np.ndarray  # (size, size) uint8
+    lesion: np.ndarray  # (size, size) float lesion-core opacity in 0..1
+    intracranial: np.ndarray  # (size, size) bool, inside the inner skull table
+    label: str
+
+
+def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Phantom:
+    """Render one slice of the given class, with its lesion and intracranial masks."""
+    if label not in CLASSES:
+        raise ValueError(f"label must be one of {CLASSES}, got {label!r}")
+    head = _random_head(rng)
+    x, y = _head_frame(head, size)
+    tissue = _Tissue(wm=rng.uniform(0.32, 0.4), gm=0.0, csf=rng.uniform(0.85, 0.95))
+    tissue = _Tissue(tissue.wm, tissue.wm + rng.uniform(0.15, 0.22), tissue.csf)
+    # [sulcal band-pass (two scales), texture, lesion roughness, lesion texture, oedema, bias]
+    f = _smooth_fields(rng, size, (0.018, 0.05, 0.03, 0.012, 0.025, 0.04, 0.5))
+    sulcal = f[0] - 0.5 * f[1]
+    sulcal /= sulcal.std()
+
+    draw = _glioma if label == "glioma" else _meningioma
+    lesion = draw(rng, x, y, head, tissue, f[3:6])
+    xw, yw = _warp(x, y, lesion.push)
+    rho, _ = head.polar(x, y)
+    intracranial = _soft(_INNER_TABLE - rho, 0.003)
+    image = _scalp_and_skull(rng, rho, tissue.csf)
+    brain, brain_mask, grey = _brain(rng, xw, yw, head, tissue, np.stack([sulcal, f[2]]))
+    brain_mask = brain_mask * intracranial
+    image = _blend(image, brain, brain_mask)
+
+    halo = lesion.halo
+    if label == "glioma":  # vasogenic oedema spreads along white matter, spares the cortex
+        halo = halo * brain_mask * (0.5 + 0.5 * (1 - grey))
+    image = _blend(image, lesion.halo_intensity, halo)
+    image = _blend(image, lesion.intensity, lesion.alpha)
+
+    pixels = _acquire(rng, image, f[6], x, y)
+    return Phantom(pixels, lesion.alpha, intracranial > 0.5, label)
+
+
+def _acquire(rng: np.random.Generator, image: np.ndarray, bias_field: np.ndarray,
+             x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Coil bias, scanner gain and Rician noise (magnitude of complex Gaussian), then 8-bit."""
+    direction = rng.uniform(0, 2 * np.pi)
+    gradient = rng.uniform(0, 0.15) * (np.cos(direction) * x + np.sin(direction) * y)
+    bias = np.exp(0.08 * bias_field + gradient)
+    signal = image * bias * rng.uniform(0.78, 1.0)
+    sigma = rng.uniform(0.015, 0.04)
+    noise = rng.standard_normal((2, *image.shape)) * sigma
+    magnitude = np.hypot(signal + noise[0], noise[1])
+    return np.clip(magnitude * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def generate_slice(rng: np.random.Generator, label: str, size: int = 256) -> np.ndarray:
+    """One synthetic T2 axial slice of class ``label`` as a (size, size) uint8 array."""
+    return render_phantom(rng, label, size).image
+
+
+# --------------------------------------------------------------------------- landing zone
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One file ``write_dataset`` will write, and the random stream that renders it."""
+
+    split: str
+    label: str
+    index: int  # position within (split, label)
+    path: str  # relative to the dataset root, e.g. ``train/Glioma T2/0001.png``
+
+    @property
+    def key(self) -> str:
+        """The path relative to its split folder, which is what labels are resolved from."""
+        return self.path.split("/", 1)[1]
+
+    @property
+    def is_jpeg(self) -> bool:
+        return self.path.lower().endswith((".jpg", ".jpeg"))
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    root: Path
+    counts: dict[str, dict[str, int]]  # {"train": {"glioma": 260, ...}, "test": {...}}
+    files: int
+
+
+def split_counts(n: int, test_fraction: float) -> tuple[int, int]:
+    """(train, test) for one class: the test share is floored, as in the seed data set."""
+    if n < 0:
+        raise ValueError(f"image count must be >= 0, got {n}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    test = int(n * test_fraction)
+    return n - test, test
+
+
+def _relative_path(split: str, label: str, index: int) -> str:
+    """Both landing-zone conventions within each class: a class folder of numbered files (two in
+    three), or a file named after its class directly in the split folder."""
+    suffix = _SUFFIXES[index % len(_SUFFIXES)]
+    number = index + 1
+    if (index // 2) % 3 == 2:
+        return f"{split}/{label} ({number}){suffix}"
+    return f"{split}/{_CLASS_FOLDERS[label]}/{number:04d}{suffix}"
+
+
+def plan_dataset(n_glioma: int = 346, n_meningioma: int = 329, test_fraction: float = 0.25
+                 ) -> list[PlannedImage]:
+    """The files ``write_dataset`` writes for these counts, without rendering anything."""
+    planned: list[PlannedImage] = []
+    for label, n in zip(CLASSES, (n_glioma, n_meningioma), strict=True):
+        for split, count in zip(SPLITS, split_counts(n, test_fraction), strict=True):
+            planned += [PlannedImage(split, label, i, _relative_path(split, label, i))
+                        for i in range(count)]
+    return planned
+
+
+def image_rng(seed: int, item: PlannedImage) -> np.random.Generator:
+    """The image's own stream, keyed by (seed, split, class, index) so order does not matter."""
+    key = (SPLITS.index(item.split), CLASSES.index(item.label), item.index)
+    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=key))
+
+
+def encode_image(pixels: np.ndarray, jpeg: bool) -> bytes:
+    """Grayscale PNG or JPEG (quality 90) bytes; deterministic for the same pixels."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    if jpeg:
+        image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_dataset(out: str | Path, seed: int = 0, n_glioma: int = 346, n_meningioma: int = 329,
+                  test_fraction: float = 0.25, size: int = 256, progress: bool = True
+                  ) -> DatasetSummary:
+    """Render and write a landing-zone tree ``out/{train,test}/...`` of labelled slices.
+
+    The same seed gives byte-identical files. Nothing but the images is written.
+    """
+    root = Path(out)
+    planned = plan_dataset(n_glioma, n_meningioma, test_fraction)
+    counts = {split: dict.fromkeys(CLASSES, 0) for split in SPLITS}
+    for item in tqdm(planned, desc="phantoms", unit="img", disable=not progress):
+        pixels = generate_slice(image_rng(seed, item), item.label, size)
+        target = root / item.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(encode_image(pixels, item.is_jpeg))
+        counts[item.split][item.label] += 1
+    return DatasetSummary(root, counts, len(planned))

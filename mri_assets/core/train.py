@@ -1,0 +1,432 @@
+"""Fine-tuning: seeded, deterministic on CPU, best epoch picked on a stratified validation slice.
+
+Two strategies:
+
+- ``full``: every weight trains, on light random flips/affine jitter of the images.
+- ``linear_probe``: the backbone is frozen; each image's pooled backbone embedding is computed
+  once (and cached on disk by backbone weights, preprocessing and sha256), then only the
+  classifier head trains on those embeddings, so an epoch never runs the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mri_assets.core.model import Preprocessing, preprocess_pixels, weights_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+STRATEGIES = ("full", "linear_probe")
+# A head on fixed features tolerates (and needs) a much larger step than a whole network.
+DEFAULT_LEARNING_RATE = {"full": 3e-3, "linear_probe": 1e-2}
+PixelsLookup = Callable[[list[str]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run; defaults are calibrated on the phantom data set."""
+
+    strategy: str = "full"
+    epochs: int = 15
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE[strategy]
+    batch_size: int = 32
+    image_size: int | None = None  # None: the base model's own preprocessing size
+    seed: int = 0
+    validation_fraction: float = 0.15
+    early_stopping_patience: int = 5
+    weight_decay: float = 1e-4
+    augment: bool = True  # full strategy only
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.epochs < 1 or self.batch_size < 2 or self.early_stopping_patience < 1:
+            raise ValueError("epochs and early_stopping_patience must be >= 1, batch_size >= 2")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ValueError(f"validation_fraction must be in [0, 0.5), got {self.validation_fraction}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"image_size must be at least 16, got {self.image_size}")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate actually used."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.strategy]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "learning_rate": self.lr}
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch: mean train loss and, when there is a validation slice, its loss/AUC/accuracy."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_auc: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """The trained model (best epoch's weights) and how it got there."""
+
+    model: PreTrainedModel
+    preprocessing: Preprocessing
+    config: TrainConfig
+    epochs: list[EpochMetrics]
+    best_epoch: int
+    duration_seconds: float
+    n_train: int
+    n_validation: int
+    stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description (no weights) for the training record."""
+        return {
+            "config": self.config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "epochs": [asdict(e) for e in self.epochs],
+            "best_epoch": self.best_epoch,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "n_train": self.n_train,
+            "n_validation": self.n_validation,
+            "stopped_early": self.stopped_early,
+            "notes": self.notes,
+        }
+
+
+class EmbeddingCache:
+    """``root/<backbone+preprocessing key>/ab/<sha256>.npy``: one float32 embedding per image.
+
+    The key folds in a fingerprint of the backbone weights and the preprocessing, so a changed
+    base model or image size never reuses stale embeddings. Plain .npy, read without pickle.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def key(backbone_fingerprint: str, preprocessing: Preprocessing) -> str:
+        norm = hashlib.sha256(repr((preprocessing.mean, preprocessing.std)).encode()).hexdigest()
+        return f"{backbone_fingerprint[:16]}-{preprocessing.image_size}px-{norm[:8]}"
+
+    def path(self, key: str, sha256: str) -> Path:
+        return self.root / key / sha256[:2] / f"{sha256}.npy"
+
+    def has(self, key: str, sha256: str) -> bool:
+        return self.path(key, sha256).exists()
+
+    def get(self, key: str, sha256: str) -> np.ndarray:
+        return np.load(self.path(key, sha256), allow_pickle=False)
+
+    def put(self, key: str, sha256: str, embedding: np.ndarray) -> None:
+        """Atomic write (temp file + os.replace): a reader never sees half an embedding."""
+        target = self.path(key, sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, np.asarray(embedding, dtype=np.float32))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def fine_tune(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    sha256s: Sequence[str],
+    labels: Sequence[int],
+    pixels_lookup: PixelsLookup,
+    config: TrainConfig | None = None,
+    embedding_cache: EmbeddingCache | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Fine-tune ``model`` in place on the images ``sha256s`` with class indices ``labels``.
+
+    ``pixels_lookup`` maps a list of sha256s to their (H, W, 3) uint8 arrays (e.g.
+    ``PixelCache.get_many``); it is called once up front, never inside the epoch loop. A seeded,
+    stratified ``validation_fraction`` of the images picks the best epoch (lowest validation
+    loss, early stop after ``early_stopping_patience`` epochs without improvement); those
+    weights are restored before returning. Each epoch's metrics go to ``log`` as it ends.
+    """
+    import torch
+
+    config = config or TrainConfig()
+    targets = _validated_labels(sha256s, labels)
+    preprocessing = preprocessing.with_size(config.image_size)
+    started = time.perf_counter()
+    train_idx, val_idx = stratified_split(targets, config.validation_fraction, config.seed)
+    log(
+        f"fine-tuning ({config.strategy}) on {len(train_idx)} images, validating on {len(val_idx)}, "
+        f"{preprocessing.image_size}px, lr {config.lr:g}, up to {config.epochs} epochs"
+    )
+    with torch.random.fork_rng(devices=[]), _deterministic():
+        torch.manual_seed(config.seed)
+        if config.strategy == "full":
+            inputs = preprocess_pixels(pixels_lookup(list(sha256s)), preprocessing)
+            trainable, forward = model, (lambda x: model(pixel_values=x).logits)
+        else:
+            inputs = torch.from_numpy(
+                cached_embeddings(model, preprocessing, sha256s, pixels_lookup, embedding_cache, log)
+            )
+            trainable, forward = model.classifier, model.classifier
+            _freeze_backbone(model)
+        log(f"inputs ready in {time.perf_counter() - started:.1f}s")
+        loop = _TrainingLoop(trainable, forward, config, augment=config.strategy == "full" and config.augment)
+        epochs, best_epoch, stopped_early = loop.run(
+            inputs, torch.from_numpy(targets), train_idx, val_idx, log
+        )
+    model.eval()
+    duration = time.perf_counter() - started
+    log(f"best epoch {best_epoch} of {len(epochs)}; training took {duration:.1f}s")
+    return TrainResult(
+        model, preprocessing, config, epochs, best_epoch, duration, len(train_idx), len(val_idx),
+        stopped_early, [] if len(val_idx) else ["no validation slice: the last epoch is kept"],
+    )
+
+
+def stratified_split(
+    targets: np.ndarray, validation_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) index arrays holding ``validation_fraction`` of each class.
+
+    Every class with at least two images gives at least one to validation (when the fraction is
+    above zero), so validation AUC is defined whenever training has both classes twice.
+    """
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for label in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == label))
+        take = int(round(validation_fraction * members.size)) if validation_fraction > 0 else 0
+        if validation_fraction > 0 and members.size >= 2:
+            take = min(max(take, 1), members.size - 1)
+        val.extend(members[:take].tolist())
+    val_idx = np.sort(np.asarray(val, dtype=np.int64))
+    train_idx = np.setdiff1d(np.arange(targets.size), val_idx)
+    return train_idx, val_idx
+
+
+def cached_embeddings(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    sha256s: Sequence[str],
+    pixels_lookup: PixelsLookup,
+    cache: EmbeddingCache | None,
+    log: Callable[[str], None] = print,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Pooled backbone embeddings (N, D) of ``sha256s``; the backbone runs once per uncached image."""
+    from mri_assets.core.inference import embed
+
+    unique = list(dict.fromkeys(sha256s))
+    key = EmbeddingCache.key(weights_fingerprint(model.base_model), preprocessing) if cache else ""
+    missing = [sha for sha in unique if not (cache and cache.has(key, sha))]
+    computed: dict[str, np.ndarray] = {}
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        for sha, vector in zip(chunk, embed(model, preprocessing, pixels_lookup(chunk)), strict=True):
+            computed[sha] = vector
+            if cache:
+                cache.put(key, sha, vector)
+    log(f"embeddings: {len(missing)} computed, {len(unique) - len(missing)} from cache")
+    return np.stack([computed[sha] if sha in computed else cache.get(key, sha) for sha in sha256s])
+
+
+def data_snapshot_hash(sha256s: Sequence[str], labels: Sequence[int | str]) -> str:
+    """sha256 of the sorted ``sha256:label`` lines: the same images and labels give the same hash."""
+    lines = sorted(f"{sha}:{label}" for sha, label in zip(sha256s, labels, strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _validated_labels(sha256s: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+    targets = np.asarray(labels, dtype=np.int64)
+    if len(sha256s) != targets.size:
+        raise ValueError(f"{len(sha256s)} images but {targets.size} labels")
+    if not np.isin(targets, (0, 1)).all():
+        raise ValueError("labels must be class indices 0 or 1")
+    if np.unique(targets).size < 2:
+        raise ValueError("the training set must hold images of both classes")
+    return targets
+
+
+def _freeze_backbone(model: PreTrainedModel) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in model.classifier.parameters():
+        parameter.requires_grad_(True)
+
+
+class _deterministic:
+    """Turn on torch's deterministic algorithms for the block, then restore the old setting."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.previous = torch.are_deterministic_algorithms_enabled()
+        self.previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.use_deterministic_algorithms(self.previous, warn_only=self.previous_warn)
+
+
+class _TrainingLoop:
+    """Mini-batch AdamW with a one-cycle schedule over ``trainable``'s parameters."""
+
+    def __init__(
+        self,
+        trainable: torch.nn.Module,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        config: TrainConfig,
+        augment: bool,
+    ) -> None:
+        import torch
+
+        self.trainable, self.forward, self.config, self.augment = trainable, forward, config, augment
+        self.generator = torch.Generator().manual_seed(config.seed)
+        for parameter in trainable.parameters():
+            parameter.requires_grad_(True)
+
+    def run(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        log: Callable[[str], None],
+    ) -> tuple[list[EpochMetrics], int, bool]:
+        import torch
+
+        config = self.config
+        steps_per_epoch = max(1, -(-len(train_idx) // config.batch_size))
+        optimizer = torch.optim.AdamW(
+            [p for p in self.trainable.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
+        )
+        train_x, train_y = inputs[torch.from_numpy(train_idx)], targets[torch.from_numpy(train_idx)]
+        val_x, val_y = inputs[torch.from_numpy(val_idx)], targets[torch.from_numpy(val_idx)]
+        history: list[EpochMetrics] = []
+        best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            train_loss = self._train_epoch(train_x, train_y, optimizer, schedule)
+            val_loss, val_auc, val_acc = self._validate(val_x, val_y)
+            metrics = EpochMetrics(epoch, train_loss, val_loss, val_auc, val_acc, time.perf_counter() - started)
+            history.append(metrics)
+            log(_describe(metrics, config.epochs))
+            if val_loss is None or val_loss < best_loss - 1e-6:
+                best_loss = val_loss if val_loss is not None else best_loss
+                best_epoch, stale = epoch, 0
+                best_state = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= config.early_stopping_patience:
+                    log(f"early stop: no validation-loss improvement for {stale} epochs")
+                    break
+        if best_state is not None:
+            self.trainable.load_state_dict(best_state)
+        return history, best_epoch, len(history) < config.epochs
+
+    def _train_epoch(
+        self,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+    ) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        self.trainable.train()
+        order = torch.randperm(train_x.shape[0], generator=self.generator)
+        total, seen = 0.0, 0
+        for start in range(0, order.numel(), self.config.batch_size):
+            batch = order[start : start + self.config.batch_size]
+            if batch.numel() < 2:
+                schedule.step()  # batch norm cannot train on one image; keep the schedule aligned
+                continue
+            x = augment_batch(train_x[batch], self.generator) if self.augment else train_x[batch]
+            loss = F.cross_entropy(self.forward(x), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss) * batch.numel()
+            seen += batch.numel()
+        return total / max(seen, 1)
+
+    def _validate(
+        self, val_x: torch.Tensor, val_y: torch.Tensor
+    ) -> tuple[float | None, float | None, float | None]:
+        import torch
+        import torch.nn.functional as F
+
+        from mri_assets.core.metrics import roc_auc
+
+        if val_x.shape[0] == 0:
+            return None, None, None
+        self.trainable.eval()
+        with torch.inference_mode():
+            logits = torch.cat([self.forward(val_x[i : i + 128]) for i in range(0, val_x.shape[0], 128)])
+        loss = float(F.cross_entropy(logits, val_y))
+        accuracy = float((logits.argmax(dim=1) == val_y).float().mean())
+        truth = val_y.numpy() == 1
+        auc = roc_auc(truth, torch.softmax(logits, 1)[:, 1].numpy()) if 0 < truth.sum() < truth.size else None
+        return loss, auc, accuracy
+
+
+def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips plus a small rotation/scale/shift per image (seeded by ``generator``).
+
+    Out-of-image pixels repeat the border, which in a scan is background, not a grey fill.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    n = batch.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    angle = uniform(-10.0, 10.0) * math.pi / 180.0
+    scale = uniform(0.9, 1.1)
+    shift_x, shift_y = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _describe(metrics: EpochMetrics, total_epochs: int) -> str:
+    text = f"epoch {metrics.epoch}/{total_epochs}: train loss {metrics.train_loss:.4f}"
+    if metrics.val_loss is not None:
+        text += f", val loss {metrics.val_loss:.4f}, val accuracy {metrics.val_accuracy:.3f}"
+        text += f", val AUC {metrics.val_auc:.3f}" if metrics.val_auc is not None else ", val AUC n/a"
+    return f"{text} ({metrics.seconds:.1f}s)"

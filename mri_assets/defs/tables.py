@@ -1,0 +1,174 @@
+"""Tables stage: the accepted and rejected images, the frozen train and test sets, and their checks."""
+
+
+import dagster as dg
+import pandas as pd
+
+from mri_assets.core import catalog
+from mri_assets.core.landing import SPLITS
+from mri_assets.defs.ingest import raw_images_key
+from mri_assets.resources import MriSettingsResource, WarehouseResource
+
+REJECTED_SHARE_WARNING = 0.05
+RAW_DEPS = [raw_images_key(split) for split in SPLITS]
+
+
+def markdown_preview(frame: pd.DataFrame, rows: int = 20) -> dg.MetadataValue:
+    if frame.empty:
+        return dg.MetadataValue.md("_(no rows)_")
+    return dg.MetadataValue.md(frame.head(rows).to_markdown(index=False))
+
+
+def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    if frame.empty:
+        return {}
+    grouped = frame.groupby(["split", "label"]).size()
+    result: dict[str, dict[str, int]] = {}
+    for (split, label), count in grouped.items():
+        result.setdefault(split, {})[label] = int(count)
+    return result
+
+
+@dg.asset(
+    deps=RAW_DEPS,
+    group_name="tables",
+    kinds={"duckdb", "table"},
+    pool="duckdb",
+    description=(
+        "DuckDB table `images`: one row per accepted file with its sha256, label and the split it "
+        "is used in. A copy of content already seen goes to split `duplicate` (with the reason), "
+        "so the `train` and `test` rows never share a sha256; content labelled both ways goes to "
+        "`conflict`."
+    ),
+)
+def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    with warehouse.connection() as conn:
+        frame = catalog.rebuild_images(conn)
+        version = catalog.table_version(conn, "images")
+    excluded = frame[~frame["split"].isin(SPLITS)] if len(frame) else frame
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(frame),
+            "counts": split_counts(frame),
+            "excluded_copies": len(excluded),
+            "excluded_preview": markdown_preview(
+                excluded[["source_key", "split", "split_reason"]] if len(excluded) else excluded
+            ),
+            "preview": markdown_preview(frame[["source_key", "sha256", "label", "split"]] if len(frame) else frame),
+        },
+        data_version=dg.DataVersion(version or "empty"),
+    )
+
+
+@dg.asset(
+    deps=RAW_DEPS,
+    group_name="tables",
+    kinds={"duckdb", "table"},
+    pool="duckdb",
+    description=(
+        "DuckDB table `rejected_images`: every landed object whose latest version could not be "
+        "used, with the reason (empty_file, not_an_image, truncated, unknown_label, too_large, "
+        "hidden_file, unreadable). A rejection never fails a run or holds back good files."
+    ),
+)
+def rejected_images(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    with warehouse.connection() as conn:
+        frame = catalog.rebuild_rejected_images(conn)
+        version = catalog.table_version(conn, "rejected_images")
+    reasons = frame["reason"].value_counts().to_dict() if len(frame) else {}
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(frame),
+            "reasons": {str(k): int(v) for k, v in reasons.items()},
+            "preview": markdown_preview(frame[["source_key", "reason", "detail"]] if len(frame) else frame, 50),
+        },
+        data_version=dg.DataVersion(version or "empty"),
+    )
+
+
+def build_split_asset(split: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"{split}_images",
+        deps=[images],
+        group_name="tables",
+        kinds={"duckdb", "table"},
+        pool="duckdb",
+        description=(
+            f"DuckDB table `{split}_images`: the frozen {split} set (sha256, label), versioned by "
+            "its content, so a re-landed copy changes nothing downstream."
+        ),
+    )
+    def split_images(warehouse: WarehouseResource) -> dg.MaterializeResult:
+        with warehouse.connection() as conn:
+            snapshot = catalog.record_split_table(conn, split)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(snapshot),
+                "dataset_version": snapshot.version,
+                "counts": snapshot.counts(),
+            },
+            data_version=dg.DataVersion(snapshot.version),
+        )
+
+    return split_images
+
+
+train_images = build_split_asset("train")
+test_images = build_split_asset("test")
+
+
+@dg.asset_check(asset=images, description="No sha256 appears in both the train and the test split.")
+def no_train_test_overlap(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.connection() as conn:
+        shared = conn.execute(
+            "SELECT sha256 FROM images WHERE split IN ('train', 'test') "
+            "GROUP BY sha256 HAVING count(DISTINCT split) > 1"
+        ).fetchall()
+    return dg.AssetCheckResult(
+        passed=not shared,
+        metadata={"shared_sha256": len(shared), "examples": [r[0] for r in shared[:5]]},
+    )
+
+
+@dg.asset_check(asset=images, description="Both classes appear in the train split and in the test split.")
+def both_classes_in_each_split(
+    warehouse: WarehouseResource, settings: MriSettingsResource
+) -> dg.AssetCheckResult:
+    classes = settings.resolve().classes.names
+    with warehouse.connection() as conn:
+        rows = conn.execute(
+            "SELECT split, label, count(*) FROM images WHERE split IN ('train', 'test') "
+            "GROUP BY split, label"
+        ).fetchall()
+    counts = {split: {label: 0 for label in classes} for split in SPLITS}
+    for split, label, count in rows:
+        counts[split][label] = count
+    missing = [f"{split}/{label}" for split in SPLITS for label in classes if not counts[split][label]]
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={"counts": counts, "missing": missing},
+        description=f"missing: {', '.join(missing)}" if missing else "every class in every split",
+    )
+
+
+@dg.asset_check(
+    asset=rejected_images,
+    description=f"Warns when more than {REJECTED_SHARE_WARNING:.0%} of landed files were rejected.",
+)
+def rejected_share(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.connection() as conn:
+        accepted, rejected = conn.execute(
+            "SELECT count(*) FILTER (WHERE outcome = 'accepted'), "
+            "count(*) FILTER (WHERE outcome = 'rejected') FROM landing_ledger"
+        ).fetchall()[0]
+    total = accepted + rejected
+    share = rejected / total if total else 0.0
+    return dg.AssetCheckResult(
+        passed=share <= REJECTED_SHARE_WARNING,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"rejected": rejected, "landed": total, "share": round(share, 4)},
+    )
+
+
+table_assets = [images, rejected_images, train_images, test_images]
+table_checks = [no_train_test_overlap, both_classes_in_each_split, rejected_share]

@@ -1,0 +1,94 @@
+"""Dagster resources: thin handles on the core objects, configured from the environment.
+
+Every field is optional: left unset, it falls back to the setting of the same meaning in
+`mri_assets.settings` (environment variable or embedded default), read when the resource is used.
+"""
+
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+from dagster_duckdb import DuckDBResource
+
+from mri_assets.core.landing import Landing, LocalLanding, S3Landing
+from mri_assets.core.pixel_cache import PixelCache
+from mri_assets.settings import Settings
+
+
+class MriSettingsResource(dg.ConfigurableResource):
+    """Pipeline settings; unset fields come from MRI_* environment variables (see the README)."""
+
+    home: str | None = None
+    base_model: str | None = None
+    classes: str | None = None
+    positive_class: str | None = None
+    promotion_margin: float | None = None
+
+    def resolve(self) -> Settings:
+        overrides = {
+            "MRI_HOME": self.home,
+            "MRI_BASE_MODEL": self.base_model,
+            "MRI_CLASSES": self.classes,
+            "MRI_POSITIVE_CLASS": self.positive_class,
+            "MRI_PROMOTION_MARGIN": None if self.promotion_margin is None else str(self.promotion_margin),
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return Settings.from_env({**os.environ, **overrides}) if overrides else Settings.from_env()
+
+
+class LandingZoneResource(dg.ConfigurableResource):
+    """Where scans land: a local folder or s3://bucket/prefix (MRI_LANDING)."""
+
+    location: str | None = None
+    settings: dg.ResourceDependency[MriSettingsResource]
+    s3: dg.ResourceDependency[S3Resource]
+
+    def resolved_location(self) -> str:
+        return self.location or self.settings.resolve().landing
+
+    def open(self) -> Landing:
+        location = self.resolved_location()
+        if location.startswith("s3://"):
+            return S3Landing(self.s3.get_client(), location)
+        return LocalLanding(Path(location).expanduser().resolve())
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file ($MRI_HOME/mri.duckdb), opened through dagster-duckdb.
+
+    DuckDB allows one writing process per file, so every connection holds an exclusive lock on a
+    sibling ``.lock`` file: runs queue instead of failing, whichever Dagster instance they use.
+    """
+
+    database: str | None = None
+    settings: dg.ResourceDependency[MriSettingsResource]
+
+    def path(self) -> Path:
+        return Path(self.database) if self.database else self.settings.resolve().duckdb_path
+
+    @contextmanager
+    def connection(self) -> Iterator:
+        path = self.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with DuckDBResource(database=str(path)).get_connection() as conn:
+                    yield conn
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class PixelCacheResource(dg.ConfigurableResource):
+    """Decoded pixels keyed by sha256 ($MRI_HOME/pixels)."""
+
+    root: str | None = None
+    settings: dg.ResourceDependency[MriSettingsResource]
+
+    def open(self) -> PixelCache:
+        return PixelCache(self.root or self.settings.resolve().pixel_cache_dir)

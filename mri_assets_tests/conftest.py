@@ -1,0 +1,88 @@
+"""Shared fixtures: small image files, a moto S3 server over real HTTP, a fake Slack API."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(seed: int = 0, size: int = 32, mode: str = "L") -> bytes:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (size, size), dtype=np.uint8)
+    image = Image.fromarray(array, "L")
+    if mode != "L":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(seed: int = 0, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mri_env(tmp_path, monkeypatch) -> Path:
+    """A private MRI_HOME for one test, with settings read from it."""
+    home = tmp_path / "mri_home"
+    monkeypatch.setenv("MRI_HOME", str(home))
+    for name in ("MRI_LANDING", "MRI_BASE_MODEL", "MRI_CLASSES", "MRI_POSITIVE_CLASS", "SLACK_BOT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's standalone S3 server on a free loopback port; yields its endpoint URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError("moto server did not start")
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch, request):
+    """A fresh bucket on the moto server, with the AWS environment pointing at it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    name = f"landing-{abs(hash(request.node.nodeid)) % 10**10}-{os.getpid()}"
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,93 @@
+import dagster as dg
+import duckdb
+
+from mri_assets.core.landing import LocalLanding
+from mri_assets.defs.ingest import raw_image_assets
+from mri_assets.defs.tables import table_assets, table_checks
+from mri_assets_tests.bad_files import BAD_FILES
+from mri_assets_tests.conftest import png_bytes
+from mri_assets_tests.defs.helpers import materialize, resources_for
+
+ASSETS = [*raw_image_assets, *table_assets, *table_checks]
+
+
+def land_small_dataset(landing: LocalLanding, start: int = 0) -> None:
+    for i in range(start, start + 3):
+        landing.write(f"train/Glioma T2/{i}.png", png_bytes(i))
+        landing.write(f"train/meningioma ({i}).png", png_bytes(100 + i))
+        landing.write(f"test/glioma/{i}.png", png_bytes(200 + i))
+        landing.write(f"test/meningioma ({i}).png", png_bytes(300 + i))
+
+
+def metadata(result, key: str) -> dict:
+    events = result.asset_materializations_for_node(key)
+    return {k: v.value for k, v in events[-1].metadata.items()}
+
+
+def test_ingest_and_tables_end_to_end_on_a_local_folder(mri_env):
+    landing = LocalLanding(mri_env / "landing")
+    land_small_dataset(landing)
+    for key, (data, _) in BAD_FILES.items():
+        landing.write(f"train/{key}", data)
+    with dg.instance_for_test() as instance:
+        result = materialize(ASSETS, resources_for(), instance)
+        assert result.success
+        raw = metadata(result, "raw_train_images")
+        assert raw["new_objects"] == 6 + len(BAD_FILES)
+        assert raw["new_rejected"] == sum(bool(r) for _, r in BAD_FILES.values())
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks == {
+            "no_train_test_overlap": True,
+            "both_classes_in_each_split": True,
+            "rejected_share": False,  # five of sixteen files are bad: a warning, not a failure
+        }
+        assert metadata(result, "test_images")["dagster/row_count"] == 6
+        first_version = metadata(result, "train_images")["dataset_version"]
+
+        again = materialize(ASSETS, resources_for(), instance)
+        assert metadata(again, "raw_train_images")["new_objects"] == 0
+        assert metadata(again, "train_images")["dataset_version"] == first_version
+    with duckdb.connect(str(mri_env / "mri.duckdb"), read_only=True) as conn:
+        reasons = dict(conn.execute("SELECT source_key, reason FROM rejected_images").fetchall())
+        assert reasons["train/glioma/truncated.jpg"] == "truncated"
+        assert reasons["train/.DS_Store"] == "hidden_file"
+        assert conn.execute("SELECT count(*) FROM images WHERE split='train'").fetchall()[0][0] == 6 + 5
+
+
+def test_landing_a_test_copy_of_a_train_image_keeps_the_splits_apart(mri_env):
+    landing = LocalLanding(mri_env / "landing")
+    land_small_dataset(landing)
+    with dg.instance_for_test() as instance:
+        materialize(ASSETS, resources_for(), instance)
+        landing.write("test/glioma/leak.png", png_bytes(0))  # same content as train/Glioma T2/0.png
+        result = materialize(ASSETS, resources_for(), instance)
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks["no_train_test_overlap"]
+        assert metadata(result, "test_images")["dagster/row_count"] == 6
+
+
+def test_single_class_split_fails_the_both_classes_check(mri_env):
+    landing = LocalLanding(mri_env / "landing")
+    landing.write("train/glioma/a.png", png_bytes(1))
+    landing.write("test/glioma/b.png", png_bytes(2))
+    with dg.instance_for_test() as instance:
+        result = materialize(ASSETS, resources_for(), instance)
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "both_classes_in_each_split")
+    assert not check.passed
+    assert check.metadata["missing"].value == ["train/meningioma", "test/meningioma"]
+
+
+def test_s3_landing_zone_over_http(mri_env, s3_bucket):
+    import boto3
+
+    from mri_assets.core.landing import S3Landing
+
+    location = f"s3://{s3_bucket}/landing"
+    landing = S3Landing(boto3.client("s3"), location)
+    land_small_dataset(landing)
+    landing.write("train/glioma/broken.jpg", b"\xff\xd8\xff garbage")
+    with dg.instance_for_test() as instance:
+        result = materialize(ASSETS, resources_for(landing=location), instance)
+    raw = metadata(result, "raw_train_images")
+    assert raw["landing_zone"] == location
+    assert (raw["new_accepted"], raw["new_rejected"]) == (6, 1)
