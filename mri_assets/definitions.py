@@ -3,13 +3,27 @@
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
+from mri_assets.defs.alerts import alert_sensors
+from mri_assets.defs.deployment import deployment_assets, deployment_checks
 from mri_assets.defs.ingest import landing_sensors, raw_image_assets
+from mri_assets.defs.models import model_assets
 from mri_assets.defs.tables import table_assets, table_checks
 from mri_assets.resources import (
     LandingZoneResource,
+    ModelStoreResource,
     MriSettingsResource,
     PixelCacheResource,
+    SlackAlerts,
     WarehouseResource,
+)
+
+# Evaluated every few seconds: each tick is a cheap read of the instance's event log.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=5,
+    description="Runs every asset whose automation condition is met (new data, passed checks).",
 )
 
 
@@ -23,12 +37,14 @@ def build_resources(
         "landing": LandingZoneResource(location=landing, settings=settings, s3=S3Resource()),
         "warehouse": WarehouseResource(settings=settings),
         "pixels": PixelCacheResource(settings=settings),
+        "model_store": ModelStoreResource(settings=settings),
+        "alerts": SlackAlerts(settings=settings),
     }
 
 
 defs = dg.Definitions(
-    assets=[*raw_image_assets, *table_assets],
-    asset_checks=table_checks,
-    sensors=landing_sensors,
+    assets=[*raw_image_assets, *table_assets, *model_assets, *deployment_assets],
+    asset_checks=[*table_checks, *deployment_checks],
+    sensors=[*landing_sensors, automation_sensor, *alert_sensors],
     resources=build_resources(),
 )

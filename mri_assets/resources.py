@@ -92,3 +92,62 @@ class PixelCacheResource(dg.ConfigurableResource):
 
     def open(self) -> PixelCache:
         return PixelCache(self.root or self.settings.resolve().pixel_cache_dir)
+
+
+class SlackAlerts(dg.ConfigurableResource):
+    """Posts alerts through dagster-slack's SlackResource; never fails the run that alerts.
+
+    The token comes only from SLACK_BOT_TOKEN. Without it, alerts go to the run log.
+    ``api_url`` (MRI_SLACK_API_URL) points the client at a Slack-compatible endpoint.
+    """
+
+    channel: str | None = None
+    api_url: str | None = None
+    timeout_seconds: int = 10
+    settings: dg.ResourceDependency[MriSettingsResource]
+
+    def post(self, text: str, log=None) -> bool:
+        """Send ``text``; True when Slack accepted it. Errors are logged, never raised."""
+        channel = self.channel or self.settings.resolve().slack_channel
+        token = dg.EnvVar("SLACK_BOT_TOKEN").get_value()
+        if not token:
+            if log is not None:
+                log.info(f"[slack disabled: SLACK_BOT_TOKEN unset] {channel}: {text}")
+            return False
+        from dagster_slack import SlackResource
+
+        client = SlackResource(token=token).get_client()
+        client.timeout = self.timeout_seconds
+        api_url = self.api_url or dg.EnvVar("MRI_SLACK_API_URL").get_value()
+        if api_url:
+            client.base_url = api_url if api_url.endswith("/") else api_url + "/"
+        try:
+            client.chat_postMessage(channel=channel, text=text)
+            return True
+        except Exception as error:  # noqa: BLE001 - an alert outage must never fail the pipeline
+            if log is not None:
+                log.warning(f"Slack post to {channel} failed ({type(error).__name__}: {error}); message was: {text}")
+            return False
+
+
+class ModelStoreResource(dg.ConfigurableResource):
+    """Model versions, the deployed pointer, the base model and embedding caches ($MRI_HOME/models)."""
+
+    root: str | None = None
+    settings: dg.ResourceDependency[MriSettingsResource]
+
+    def root_path(self) -> Path:
+        return Path(self.root) if self.root else self.settings.resolve().model_store_dir
+
+    def open(self):
+        from mri_assets.core.store import ModelStore
+
+        return ModelStore(self.root_path())
+
+    def base_root(self) -> Path:
+        return self.root_path() / "base"
+
+    def embedding_cache(self):
+        from mri_assets.core.train import EmbeddingCache
+
+        return EmbeddingCache(self.settings.resolve().embedding_cache_dir)

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +103,12 @@ def load_base_model(spec: str, classes: ClassSpec, base_root: str | Path) -> Bas
 def embedded_folder(base_root: str | Path) -> Path:
     """Folder of the embedded base model; its name changes whenever its architecture does."""
     recipe = json.dumps(
-        {"architecture": EMBEDDED_ARCHITECTURE, "seed": EMBEDDED_SEED, "size": EMBEDDED_IMAGE_SIZE},
+        {
+            "architecture": EMBEDDED_ARCHITECTURE,
+            "seed": EMBEDDED_SEED,
+            "size": EMBEDDED_IMAGE_SIZE,
+            "head": "zeros",
+        },
         sort_keys=True,
     )
     return Path(base_root) / f"embedded-resnet-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
@@ -141,7 +146,34 @@ def _new_embedded_model() -> PreTrainedModel:
     config = ResNetConfig(**EMBEDDED_ARCHITECTURE, num_labels=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(EMBEDDED_SEED)
-        return ResNetForImageClassification(config)
+        model = ResNetForImageClassification(config)
+    zero_head(model)
+    return model
+
+
+def zero_head(model: PreTrainedModel) -> None:
+    """Zero the classifier head: an untrained model then says 0.5 for every image (AUC 0.5)
+    instead of an arbitrary random ranking, and training still starts (the gradient on the head's
+    weights is not zero)."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in head_linear(model).parameters():
+            parameter.zero_()
+
+
+def head_linear(model: PreTrainedModel) -> torch.nn.Linear:
+    """The one Linear layer of ``model.classifier`` (ResNet: Flatten + Linear, ConvNeXt: Linear)."""
+    import torch
+
+    head = getattr(model, "classifier", None)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    if len(linears) != 1:
+        raise ValueError(
+            f"{type(model).__name__} has no classifier head made of a single Linear layer; "
+            "only such heads (ResNet, ConvNeXt, ...) are supported"
+        )
+    return linears[0]
 
 
 def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
@@ -150,9 +182,8 @@ def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
 
     id2label, label2id = label_maps(classes)
     # A mismatched head (e.g. 1000 ImageNet classes) is re-initialised; seed it for repeatability.
-    with torch.random.fork_rng(devices=[]), quiet_transformers():
-        torch.manual_seed(EMBEDDED_SEED)
-        model = AutoModelForImageClassification.from_pretrained(
+    with quiet_transformers():
+        model, loading = AutoModelForImageClassification.from_pretrained(
             str(source),
             num_labels=len(classes.names),
             id2label=id2label,
@@ -161,8 +192,23 @@ def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
             use_safetensors=True,
             trust_remote_code=False,
             dtype=torch.float32,
+            output_loading_info=True,
         )
+    if _head_was_reinitialised(model, loading):
+        # e.g. a 1000-class ImageNet head replaced by a random two-class one. A head that is not a
+        # single Linear layer keeps its random init: still trainable, just not a 0.5 baseline.
+        with suppress(ValueError):
+            zero_head(model)
     return model.eval()
+
+
+def _head_was_reinitialised(model: PreTrainedModel, loading: dict[str, Any]) -> bool:
+    if getattr(model, "classifier", None) is None:
+        return False
+    head = {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
+    fresh = set(loading.get("missing_keys") or ())
+    fresh |= {item[0] if isinstance(item, tuple) else item for item in loading.get("mismatched_keys") or ()}
+    return bool(head & fresh)
 
 
 @contextmanager

@@ -97,24 +97,16 @@ class _Head:
     b: float  # front-back semi-axis
     angle: float
     shift: tuple[float, float]
-    shape: tuple[tuple[float, float, float], ...]  # (k, amplitude, phase) outline wobble
-    egg: float  # occiput wider than the forehead
-
-    def wobble(self, phi: np.ndarray | float) -> np.ndarray | float:
-        m = 1.0 + self.egg * np.sin(phi)
-        for k, amp, phase in self.shape:
-            m = m + amp * np.cos(k * phi + phase)
-        return m
+    outline: np.ndarray  # harmonic coefficients of the outline's radius factor (c0 = 1)
 
     def polar(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Elliptic radius (1 = skin) and elliptic angle of head-frame points."""
-        phi = np.arctan2(y / self.b, x / self.a)
-        rho = np.hypot(x / self.a, y / self.b) / self.wobble(phi)
-        return rho, phi
+        """Elliptic radius (1 = skin) and exp(i elliptic angle) of head-frame points."""
+        r, z = _unit(x / self.a, y / self.b)
+        return r / _periodic(self.outline, z), z
 
     def surface_point(self, phi: float, rho: float) -> np.ndarray:
         """Head-frame point at elliptic angle phi and elliptic radius rho."""
-        scale = rho * float(self.wobble(phi))
+        scale = rho * float(_periodic(self.outline, np.exp(1j * phi)))
         return np.array([self.a * np.cos(phi) * scale, self.b * np.sin(phi) * scale])
 
     def inward_normal(self, point: np.ndarray) -> np.ndarray:
@@ -123,14 +115,15 @@ class _Head:
 
 
 def _random_head(rng: np.random.Generator) -> _Head:
-    shape = tuple((k, rng.normal(0, 0.012), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
+    outline = _harmonics(rng, (2, 3, 4), 0.012, decay=0.0)
+    outline[0] = 1.0
+    outline[1] = -1j * rng.uniform(0.0, 0.04)  # + egg * sin(angle): the occiput is wider
     return _Head(
         a=rng.uniform(0.66, 0.76),
         b=rng.uniform(0.80, 0.88),
         angle=np.deg2rad(rng.uniform(-10, 10)),
         shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
-        shape=shape,
-        egg=rng.uniform(0.0, 0.04),
+        outline=outline,
     )
 
 
@@ -148,7 +141,7 @@ def _scalp_and_skull(rng: np.random.Generator, rho: np.ndarray, csf: float) -> n
     j = rng.uniform(0.9, 1.15)  # skull and scalp thickness vary between subjects
     edges = np.array([0.0, 0.020, 0.045, 0.063, 0.100, 0.130]) * j + _INNER_TABLE
     edges[-1] = 1.0
-    values = [csf, 0.06, rng.uniform(0.25, 0.5), 0.06, rng.uniform(0.6, 0.8), 0.42, 0.0]
+    values = [csf, 0.06, rng.uniform(0.25, 0.5), 0.06, rng.uniform(0.5, 0.85), 0.42, 0.0]
     eps = 0.003
     xs = [0.0]
     ys = [values[0]]
@@ -216,34 +209,31 @@ def _deep_grey(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _brain(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head, tissue: _Tissue,
-           fields: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           sulcal: np.ndarray, texture: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parenchyma intensity, brain mask and grey-matter weight at (possibly warped) head coords.
 
-    fields: [sulcal band-pass, texture, csf-rim wobble] random fields on the pixel grid.
+    sulcal: band-pass random field whose zero lines become sulci; texture: a smooth field.
     """
-    rho, phi = head.polar(x, y)
+    rho, z = head.polar(x, y)
     atrophy = rng.uniform(0.8, 1.35)
     rim = rng.uniform(0.012, 0.026) * atrophy
-    surface = _INNER_TABLE - rim * (1 + 0.4 * _harmonics(rng, phi, range(3, 9), 1.0))
+    surface = _INNER_TABLE - rim * (1 + 0.4 * _periodic(_harmonics(rng, range(3, 9), 1.0), z))
     depth = surface - rho
     mask = _soft(depth, 0.004)
 
-    sulcal, texture = fields[0], fields[1]
     sulcal_depth = rng.uniform(0.07, 0.11) * atrophy
-    within_sulcal_layer = _soft(sulcal_depth - depth, 0.01)
-    sulcus = np.exp(-((sulcal / 0.16) ** 2)) * within_sulcal_layer
+    sulcus = np.exp(-((sulcal / 0.16) ** 2)) * _soft(sulcal_depth - depth, 0.01)
     ribbon = _soft(rng.uniform(0.03, 0.045) - depth, 0.006)
     around_sulci = np.exp(-((sulcal / 0.55) ** 2)) * _soft(sulcal_depth + 0.03 - depth, 0.01)
-    grey = np.maximum(ribbon, around_sulci)
-    grey = np.maximum(grey, _deep_grey(x, y))
+    grey = np.maximum(np.maximum(ribbon, around_sulci), _deep_grey(x, y))
 
     image = (tissue.wm + (tissue.gm - tissue.wm) * grey) * (1 + 0.05 * texture)
     image = _blend(image, tissue.csf, 0.85 * sulcus)
 
     ventricles, (front, back) = _ventricles(rng, x, y, atrophy)
     image = _blend(image, tissue.csf, ventricles)
-    fissure = _soft(0.007 - np.abs(x), 0.002) * np.maximum(_soft(front - 0.04 - y, 0.01),
-                                                           _soft(y - back - 0.04, 0.01))
+    beyond_ventricles = np.maximum(_soft(front - 0.04 - y, 0.01), _soft(y - back - 0.04, 0.01))
+    fissure = _soft(0.007 - np.abs(x), 0.002) * beyond_ventricles
     image = _blend(image, tissue.csf, 0.85 * fissure)
     return image, mask, grey
 
@@ -260,21 +250,27 @@ def _lesion_size(rng: np.random.Generator) -> float:
 class _Lesion:
     """A rendered lesion: what to composite on top of the brain."""
 
-    intensity: np.ndarray
+    intensity: np.ndarray | float
     alpha: np.ndarray  # lesion core opacity
     halo: np.ndarray  # oedema or cleft opacity
     halo_intensity: np.ndarray | float
     push: _Push
 
 
-def _glioma_centre(rng: np.random.Generator, head: _Head, reach: float) -> np.ndarray:
-    """A centre deep enough that the whole core keeps a layer of brain between it and the skull."""
-    gap = rng.uniform(0.06, 0.11)
+def _glioma_centre(rng: np.random.Generator, head: _Head, outline: np.ndarray) -> np.ndarray:
+    """A centre anywhere in the hemispheres that keeps a layer of brain between core and skull.
+
+    outline: (n, 2) offsets of the core's boundary from its centre, already padded by the gap.
+    """
     phi = rng.uniform(0, 2 * np.pi)
-    # Elliptic radius grows at most 1/(a * wobble_min) per unit distance, so this bound is safe.
-    rho_max = _INNER_TABLE - 0.04 - (reach + gap) / (head.a * 0.94)
-    rho = rng.uniform(0.1, 1.0) ** 0.7 * max(rho_max, 0.05)
-    return head.surface_point(phi, rho)
+    direction = head.surface_point(phi, 1.0)
+    steps = np.linspace(0.0, 1.0, 41)[:, None, None]
+    points = steps * direction + outline  # (steps, n, 2): the outline moved out along the ray
+    rho, _ = head.polar(points[..., 0], points[..., 1])
+    fits = (rho < _INNER_TABLE - 0.06).all(axis=1)  # brain surface is at most 0.06 inside
+    t_max = steps[fits.nonzero()[0].max(), 0, 0] if fits.any() else 0.0
+    # sqrt: uniform over the area the centre may occupy, not crowded at the middle
+    return np.sqrt(rng.uniform(0.0, 1.0)) * t_max * direction
 
 
 def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
@@ -284,13 +280,13 @@ def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
     fields: [boundary roughness, core texture, oedema texture] random fields.
     """
     radius = _lesion_size(rng)
-    coefficients = [(k, rng.normal(0, 0.16 / k**0.8), rng.uniform(0, 2 * np.pi)) for k in range(1, 11)]
-    reach = radius * (1 + sum(abs(c) for _, c, _ in coefficients)) + 0.02
-    centre = _glioma_centre(rng, head, reach)
-    dx, dy = x - centre[0], y - centre[1]
-    r, psi = np.hypot(dx, dy), np.arctan2(dy, dx)
-    boundary = radius * (1 + sum(c * np.cos(k * psi + p) for k, c, p in coefficients))
-    boundary = np.maximum(boundary, 0.3 * radius)
+    shape = _harmonics(rng, range(1, 11), 0.16, decay=0.8)
+    angles = np.exp(1j * np.linspace(0, 2 * np.pi, 64, endpoint=False))
+    # Pad for the ragged edge and blur below, plus a layer of cortex the core must not reach.
+    reach = radius * 1.2 * np.maximum(1 + _periodic(shape, angles), 0.3) + rng.uniform(0.05, 0.1)
+    centre = _glioma_centre(rng, head, np.stack([reach * angles.real, reach * angles.imag], -1))
+    r, z = _unit(x - centre[0], y - centre[1])
+    boundary = radius * np.maximum(1 + _periodic(shape, z), 0.3)
     # Ragged, fractal-ish edge: perturb the radial coordinate with a fine random field.
     s = r / boundary + 0.1 * fields[0]
     alpha = _soft((1 - s) * radius, rng.uniform(0.016, 0.03))
@@ -300,54 +296,53 @@ def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
         necrosis = _soft((rng.uniform(0.35, 0.6) - s) * radius, 0.008)
         core = _blend(core * rng.uniform(0.7, 0.85), rng.uniform(0.85, 0.95), necrosis)
 
-    fingers = np.maximum(_harmonics(rng, psi, range(3, 15), 1.2, decay=0.5), -0.2)
-    extent = radius * rng.uniform(0.4, 1.5) * (0.5 + fingers)
-    oedema = _soft(boundary + extent - r + 0.02 * fields[2], 0.025)
+    # Oedema reaches out in a few broad lobes; sparing the cortex (in render) makes them fingers.
+    lobes = np.tanh(_periodic(_harmonics(rng, range(2, 8), 1.2, decay=0.5), z))
+    extent = radius * rng.uniform(0.3, 1.3) * (0.55 + 0.45 * lobes)
+    oedema = _soft(boundary + extent - r + 0.03 * fields[2], 0.02)
     push = _Push(centre, radius * 0.8, rng.uniform(0.25, 0.5), radius * 1.2 + 0.03)
-    return _Lesion(core, alpha, oedema * rng.uniform(0.7, 0.95), rng.uniform(0.6, 0.76), push)
+    return _Lesion(core, alpha, oedema * rng.uniform(0.55, 0.9), rng.uniform(0.6, 0.76), push)
 
 
 def _meningioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
                 tissue: _Tissue, fields: np.ndarray) -> _Lesion:
     """Extra-axial dural-based mass: broad base on the inner table, sharp lobulated edge, CSF cleft."""
-    radius = _lesion_size(rng)
+    # Slightly larger spheres so the visible, skull-clipped part matches a glioma core's area.
+    radius = 1.12 * _lesion_size(rng)
     phi0 = rng.uniform(0, 2 * np.pi)
     base = head.surface_point(phi0, _INNER_TABLE)
     embed = rng.uniform(0.3, 0.7)  # < 1: the sphere's cap is cut off by the skull -> broad base
     centre = base + head.inward_normal(base) * embed * radius
-    dx, dy = x - centre[0], y - centre[1]
-    r, psi = np.hypot(dx, dy), np.arctan2(dy, dx)
-    boundary = radius * (1 + _harmonics(rng, psi, range(2, 6), 0.1, decay=0.7))
+    r, z = _unit(x - centre[0], y - centre[1])
+    boundary = radius * (1 + _periodic(_harmonics(rng, range(2, 6), 0.1, decay=0.7), z))
 
-    rho, phi = head.polar(x, y)
+    rho, z_head = head.polar(x, y)
     intracranial = _soft(_INNER_TABLE - rho, 0.003)
     alpha = _soft(boundary - r, 0.003) * intracranial
     if rng.random() < 0.5:
-        alpha = np.maximum(alpha, _dural_tail(rng, rho, phi, phi0, radius, embed, base) * intracranial)
+        off = np.abs(np.angle(z_head * np.exp(-1j * phi0)))
+        tail = _dural_tail(rng, rho, off, radius * np.sqrt(1 - embed**2) / np.linalg.norm(base))
+        alpha = np.maximum(alpha, tail * intracranial)
 
-    intensity = rng.uniform(0.46, 0.68) * (1 + 0.04 * fields[1])
+    intensity = rng.uniform(0.46, 0.72) * (1 + 0.04 * fields[1])
     cleft_width = rng.uniform(0.018, 0.03)
     cleft = np.clip(_soft(boundary + cleft_width - r, 0.003) - alpha, 0, 1) * intracranial
     cleft_value = tissue.csf if rng.random() < 0.75 else 0.12  # CSF or a dark vascular rim
-    if rng.random() < 0.3:  # some meningiomas have mild oedema beyond the cleft
+    halo, halo_value = cleft, cleft_value
+    if rng.random() < 0.4:  # some meningiomas have mild oedema beyond the cleft
         mild = _soft(boundary + radius * rng.uniform(0.2, 0.5) - r + 0.02 * fields[2], 0.025)
         halo_value = _blend(np.full_like(r, rng.uniform(0.55, 0.68)), cleft_value, cleft)
         halo = np.maximum(cleft, 0.6 * mild * intracranial)
-    else:
-        halo, halo_value = cleft, cleft_value
     push = _Push(centre, radius, rng.uniform(0.6, 0.85), radius * 0.8 + 0.03)
     return _Lesion(intensity, alpha, halo, halo_value, push)
 
 
-def _dural_tail(rng: np.random.Generator, rho: np.ndarray, phi: np.ndarray, phi0: float,
-                radius: float, embed: float, base: np.ndarray) -> np.ndarray:
-    """Thin tapering dural thickening running along the inner table from the tumour's base."""
-    half_base = radius * np.sqrt(1 - embed**2) / np.linalg.norm(base)
+def _dural_tail(rng: np.random.Generator, rho: np.ndarray, off: np.ndarray, half_base: float
+                ) -> np.ndarray:
+    """Thin dural thickening tapering along the inner table; off is the angle from the base."""
     length = rng.uniform(0.08, 0.2)
-    off = np.abs(np.angle(np.exp(1j * (phi - phi0))))
     taper = np.clip(1 - (off - half_base) / length, 0, 1) * (off < half_base + length)
-    thickness = 0.022 * taper
-    return _soft(thickness - (_INNER_TABLE - rho), 0.003) * (rho < _INNER_TABLE + 0.005)
+    return _soft(0.022 * taper - (_INNER_TABLE - rho), 0.003) * (rho < _INNER_TABLE + 0.005)
 
 
 # --------------------------------------------------------------------------- whole slice
@@ -369,39 +364,36 @@ def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Pha
         raise ValueError(f"label must be one of {CLASSES}, got {label!r}")
     head = _random_head(rng)
     x, y = _head_frame(head, size)
-    tissue = _Tissue(wm=rng.uniform(0.32, 0.4), gm=0.0, csf=rng.uniform(0.85, 0.95))
-    tissue = _Tissue(tissue.wm, tissue.wm + rng.uniform(0.15, 0.22), tissue.csf)
-    # [sulcal band-pass (two scales), texture, lesion roughness, lesion texture, oedema, bias]
-    f = _smooth_fields(rng, size, (0.018, 0.05, 0.03, 0.012, 0.025, 0.04, 0.5))
+    wm = rng.uniform(0.32, 0.4)
+    tissue = _Tissue(wm=wm, gm=wm + rng.uniform(0.12, 0.24), csf=rng.uniform(0.8, 0.97))
+    # Two sulcal scales, brain texture, lesion roughness, lesion texture, oedema texture.
+    f = _smooth_fields(rng, size, (0.018, 0.05, 0.03, 0.012, 0.025, 0.04))
     sulcal = f[0] - 0.5 * f[1]
     sulcal /= sulcal.std()
 
     draw = _glioma if label == "glioma" else _meningioma
     lesion = draw(rng, x, y, head, tissue, f[3:6])
-    xw, yw = _warp(x, y, lesion.push)
     rho, _ = head.polar(x, y)
     intracranial = _soft(_INNER_TABLE - rho, 0.003)
     image = _scalp_and_skull(rng, rho, tissue.csf)
-    brain, brain_mask, grey = _brain(rng, xw, yw, head, tissue, np.stack([sulcal, f[2]]))
+    xw, yw = _warp(x, y, lesion.push)
+    brain, brain_mask, grey = _brain(rng, xw, yw, head, tissue, sulcal, f[2])
     brain_mask = brain_mask * intracranial
     image = _blend(image, brain, brain_mask)
 
     halo = lesion.halo
-    if label == "glioma":  # vasogenic oedema spreads along white matter, spares the cortex
-        halo = halo * brain_mask * (0.5 + 0.5 * (1 - grey))
+    if label == "glioma":  # vasogenic oedema spreads along white matter and spares the cortex
+        halo = halo * brain_mask * (0.2 + 0.8 * (1 - grey))
     image = _blend(image, lesion.halo_intensity, halo)
     image = _blend(image, lesion.intensity, lesion.alpha)
-
-    pixels = _acquire(rng, image, f[6], x, y)
-    return Phantom(pixels, lesion.alpha, intracranial > 0.5, label)
+    return Phantom(_acquire(rng, image, x, y), lesion.alpha, intracranial > 0.5, label)
 
 
-def _acquire(rng: np.random.Generator, image: np.ndarray, bias_field: np.ndarray,
-             x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Coil bias, scanner gain and Rician noise (magnitude of complex Gaussian), then 8-bit."""
-    direction = rng.uniform(0, 2 * np.pi)
-    gradient = rng.uniform(0, 0.15) * (np.cos(direction) * x + np.sin(direction) * y)
-    bias = np.exp(0.08 * bias_field + gradient)
+def _acquire(rng: np.random.Generator, image: np.ndarray, x: np.ndarray, y: np.ndarray
+             ) -> np.ndarray:
+    """Smooth coil bias, scanner gain and Rician noise (magnitude of complex Gaussian) -> 8 bit."""
+    c = rng.normal(0, 0.08, 5)
+    bias = np.exp(c[0] * x + c[1] * y + c[2] * x * x + c[3] * y * y + c[4] * x * y)
     signal = image * bias * rng.uniform(0.78, 1.0)
     sigma = rng.uniform(0.015, 0.04)
     noise = rng.standard_normal((2, *image.shape)) * sigma

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mri_assets.core.model import Preprocessing, preprocess_pixels, weights_fingerprint
+from mri_assets.core.model import (
+    Preprocessing,
+    head_linear,
+    preprocess_pixels,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -179,19 +184,14 @@ def fine_tune(
     with torch.random.fork_rng(devices=[]), _deterministic():
         torch.manual_seed(config.seed)
         if config.strategy == "full":
-            inputs = preprocess_pixels(pixels_lookup(list(sha256s)), preprocessing)
-            trainable, forward = model, (lambda x: model(pixel_values=x).logits)
-        else:
-            inputs = torch.from_numpy(
-                cached_embeddings(model, preprocessing, sha256s, pixels_lookup, embedding_cache, log)
+            epochs, best_epoch, stopped_early = _train_full(
+                model, preprocessing, sha256s, targets, pixels_lookup, config, (train_idx, val_idx), log
             )
-            trainable, forward = model.classifier, model.classifier
-            _freeze_backbone(model)
-        log(f"inputs ready in {time.perf_counter() - started:.1f}s")
-        loop = _TrainingLoop(trainable, forward, config, augment=config.strategy == "full" and config.augment)
-        epochs, best_epoch, stopped_early = loop.run(
-            inputs, torch.from_numpy(targets), train_idx, val_idx, log
-        )
+        else:
+            epochs, best_epoch, stopped_early = _train_linear_probe(
+                model, preprocessing, sha256s, targets, pixels_lookup, config, (train_idx, val_idx),
+                embedding_cache, log,
+            )
     model.eval()
     duration = time.perf_counter() - started
     log(f"best epoch {best_epoch} of {len(epochs)}; training took {duration:.1f}s")
@@ -199,6 +199,64 @@ def fine_tune(
         model, preprocessing, config, epochs, best_epoch, duration, len(train_idx), len(val_idx),
         stopped_early, [] if len(val_idx) else ["no validation slice: the last epoch is kept"],
     )
+
+
+def _train_full(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    sha256s: Sequence[str],
+    targets: np.ndarray,
+    pixels_lookup: PixelsLookup,
+    config: TrainConfig,
+    split: tuple[np.ndarray, np.ndarray],
+    log: Callable[[str], None],
+) -> tuple[list[EpochMetrics], int, bool]:
+    """Every weight trains; images are preprocessed to tensors once, augmented per batch."""
+    import torch
+
+    started = time.perf_counter()
+    inputs = preprocess_pixels(pixels_lookup(list(sha256s)), preprocessing)
+    log(f"{len(sha256s)} images preprocessed in {time.perf_counter() - started:.1f}s")
+    loop = _TrainingLoop(model, lambda x: model(pixel_values=x).logits, config, augment=config.augment)
+    return loop.run(inputs, torch.from_numpy(targets), *split, log)
+
+
+def _train_linear_probe(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    sha256s: Sequence[str],
+    targets: np.ndarray,
+    pixels_lookup: PixelsLookup,
+    config: TrainConfig,
+    split: tuple[np.ndarray, np.ndarray],
+    embedding_cache: EmbeddingCache | None,
+    log: Callable[[str], None],
+) -> tuple[list[EpochMetrics], int, bool]:
+    """Backbone frozen; a linear head trains on standardised embeddings, then is folded back.
+
+    Raw pooled features of an untrained or foreign backbone can have any scale; standardising
+    them (train-slice mean/std) makes one learning rate work for all, and folding the scaling into
+    the head's weights leaves the model's architecture unchanged.
+    """
+    import torch
+
+    features = torch.from_numpy(
+        cached_embeddings(model, preprocessing, sha256s, pixels_lookup, embedding_cache, log)
+    )
+    train_features = features[torch.from_numpy(split[0])]
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = head_linear(model)
+    probe = torch.nn.Linear(head.in_features, head.out_features)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    loop = _TrainingLoop(probe, probe, config, augment=False)
+    result = loop.run((features - mean) / std, torch.from_numpy(targets), *split, log)
+    with torch.no_grad():  # W((x - mean) / std) + b == (W / std) x + (b - W (mean / std))
+        head.weight.copy_(probe.weight / std)
+        head.bias.copy_(probe.bias - probe.weight @ (mean / std))
+    return result
 
 
 def stratified_split(
@@ -263,13 +321,6 @@ def _validated_labels(sha256s: Sequence[str], labels: Sequence[int]) -> np.ndarr
     if np.unique(targets).size < 2:
         raise ValueError("the training set must hold images of both classes")
     return targets
-
-
-def _freeze_backbone(model: PreTrainedModel) -> None:
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in model.classifier.parameters():
-        parameter.requires_grad_(True)
 
 
 class _deterministic:
@@ -373,7 +424,7 @@ class _TrainingLoop:
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * batch.numel()
+            total += loss.detach().item() * batch.numel()
             seen += batch.numel()
         return total / max(seen, 1)
 

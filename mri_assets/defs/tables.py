@@ -34,6 +34,7 @@ def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     group_name="tables",
     kinds={"duckdb", "table"},
     pool="duckdb",
+    automation_condition=dg.AutomationCondition.eager(),
     description=(
         "DuckDB table `images`: one row per accepted file with its sha256, label and the split it "
         "is used in. A copy of content already seen goes to split `duplicate` (with the reason), "
@@ -65,6 +66,7 @@ def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
     group_name="tables",
     kinds={"duckdb", "table"},
     pool="duckdb",
+    automation_condition=dg.AutomationCondition.eager(),
     description=(
         "DuckDB table `rejected_images`: every landed object whose latest version could not be "
         "used, with the reason (empty_file, not_an_image, truncated, unknown_label, too_large, "
@@ -86,6 +88,15 @@ def rejected_images(warehouse: WarehouseResource) -> dg.MaterializeResult:
     )
 
 
+def last_dataset_version(context: dg.AssetExecutionContext) -> str | None:
+    """The dataset version of this asset's latest materialization, if any."""
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("dataset_version")
+    return getattr(value, "value", None)
+
+
 def build_split_asset(split: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=f"{split}_images",
@@ -93,18 +104,29 @@ def build_split_asset(split: str) -> dg.AssetsDefinition:
         group_name="tables",
         kinds={"duckdb", "table"},
         pool="duckdb",
+        output_required=False,
+        automation_condition=dg.AutomationCondition.eager(),
         description=(
             f"DuckDB table `{split}_images`: the frozen {split} set (sha256, label), versioned by "
-            "its content, so a re-landed copy changes nothing downstream."
+            "its content. It materializes only when that version changes, so a re-landed copy "
+            "or a restart triggers nothing downstream."
         ),
     )
-    def split_images(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def split_images(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         with warehouse.connection() as conn:
             snapshot = catalog.record_split_table(conn, split)
-        return dg.MaterializeResult(
+        previous = last_dataset_version(context)
+        if snapshot.version == previous:
+            context.log.info(
+                f"{split} set unchanged (version {snapshot.version}, {len(snapshot)} images): "
+                "nothing downstream needs to run"
+            )
+            return
+        yield dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(snapshot),
                 "dataset_version": snapshot.version,
+                "previous_version": previous or "",
                 "counts": snapshot.counts(),
             },
             data_version=dg.DataVersion(snapshot.version),
