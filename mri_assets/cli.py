@@ -82,6 +82,110 @@ def cmd_seed_landing(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_store(settings: Settings):
+    from mri_assets.core.store import ModelStore
+
+    return ModelStore(settings.model_store_dir)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify files with the deployed model; reads only the model store, never DuckDB."""
+    from mri_assets.core.images import ImageRejected, decode_image
+    from mri_assets.core.inference import predict_probabilities
+
+    settings = Settings.from_env()
+    store = open_store(settings)
+    deployed = store.deployed()
+    if deployed is None:
+        print(
+            f"error: no model is deployed in {settings.model_store_dir}; materialize "
+            "deployed_model in Dagster (or run `make dev`) first",
+            file=sys.stderr,
+        )
+        return 2
+    model, preprocessing = store.load_version(deployed.version)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    decoded, failures = [], 0
+    for path in args.files:
+        try:
+            decoded.append((path, decode_image(Path(path).read_bytes(), settings.max_image_pixels).pixels))
+        except (OSError, ImageRejected) as error:
+            failures += 1
+            report_failure(path, error, args.json)
+    probabilities = predict_probabilities(model, preprocessing, [p for _, p in decoded])
+    for (path, _), row in zip(decoded, probabilities, strict=True):
+        scores = {name: round(float(p), 4) for name, p in zip(names, row, strict=True)}
+        label = max(scores, key=scores.get)
+        if args.json:
+            print(json.dumps({"path": path, "label": label, "scores": scores}))
+        else:
+            print(f"{path}\t{label}\t" + "\t".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    return 1 if failures else 0
+
+
+def report_failure(path: str, error: Exception, as_json: bool) -> None:
+    reason = getattr(error, "reason", None) or type(error).__name__
+    detail = getattr(error, "detail", None) or str(error)
+    if as_json:
+        print(json.dumps({"path": path, "error": reason, "detail": detail}))
+    print(f"error: {path}: {reason}: {detail}", file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    store = open_store(settings)
+    deployed = store.deployed()
+    if deployed is None:
+        print(f"no model deployed yet (model store: {settings.model_store_dir})")
+        return 0
+    record = store.training_record(deployed.version)
+    print(f"deployed: {deployed.version}")
+    print(f"  ROC AUC {format_auc(deployed.auc)} on test set {deployed.test_set_version}")
+    print(f"  since {deployed.deployed_at} ({deployed.action}): {deployed.reason}")
+    print(
+        f"  trained on train set {record.get('train_set_version')} "
+        f"({record.get('n_train')} images, strategy {record.get('config', {}).get('strategy')}, "
+        f"best epoch {record.get('best_epoch')})"
+    )
+    print("history (newest first):")
+    for entry in reversed(store.deployment_history()):
+        print(f"  {entry.deployed_at}  {entry.action:<8} {entry.version}  AUC {format_auc(entry.auc)}")
+    return 0
+
+
+def format_auc(auc: float | None) -> str:
+    return "n/a" if auc is None else f"{auc:.4f}"
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Point the deployment back at an earlier version, then mirror it into DuckDB."""
+    settings = Settings.from_env()
+    store = open_store(settings)
+    try:
+        entry = store.rollback(args.version)
+    except (LookupError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"rolled back: {entry.version} is deployed")
+    mirror_deployments(settings, store)
+    return 0
+
+
+def mirror_deployments(settings: Settings, store) -> None:
+    """Best effort: a busy DuckDB file is caught up by the next deployed_model run instead."""
+    import duckdb
+
+    from mri_assets.core.catalog import exclusive_lock, sync_deployments
+
+    path = settings.duckdb_path
+    try:
+        with exclusive_lock(path), duckdb.connect(str(path)) as conn:
+            added = sync_deployments(conn, store.deployment_history())
+        print(f"recorded {added} deployment row(s) in {path}")
+    except duckdb.Error as error:
+        print(f"note: DuckDB not updated now ({error}); the next deployed_model run records it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mri-assets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--seed", type=int, default=0)
     seed.add_argument("--quiet", action="store_true")
     seed.set_defaults(run=cmd_seed_landing)
+
+    predict = commands.add_parser("predict", help="classify image files with the deployed model")
+    predict.add_argument("files", nargs="+", metavar="FILE")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.set_defaults(run=cmd_predict)
+
+    status = commands.add_parser("status", help="the deployed model, its metrics and history")
+    status.set_defaults(run=cmd_status)
+
+    rollback = commands.add_parser("rollback", help="deploy an earlier model version again")
+    rollback.add_argument("version", nargs="?", help="default: the version deployed before the current one")
+    rollback.set_defaults(run=cmd_rollback)
     return parser
 
 

@@ -5,7 +5,6 @@ Every field is optional: left unset, it falls back to the setting of the same me
 """
 
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 
+from mri_assets.core.catalog import exclusive_lock
 from mri_assets.core.landing import Landing, LocalLanding, S3Landing
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.settings import Settings
@@ -74,14 +74,8 @@ class WarehouseResource(dg.ConfigurableResource):
     @contextmanager
     def connection(self) -> Iterator:
         path = self.path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                with DuckDBResource(database=str(path)).get_connection() as conn:
-                    yield conn
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(path), DuckDBResource(database=str(path)).get_connection() as conn:
+            yield conn
 
 
 class PixelCacheResource(dg.ConfigurableResource):

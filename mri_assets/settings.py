@@ -16,7 +16,7 @@ from mri_assets.core.labels import ClassSpec
 
 DEFAULT_HOME = ".mri"
 
-# name -> (default, what it means); the README's settings table is generated from this.
+# name -> (default, what it means); a test keeps the README's settings table in step with this.
 SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "MRI_HOME": (DEFAULT_HOME, "Folder for local state: DuckDB file, local landing zone, pixel cache, model store."),
     "MRI_LANDING": ("$MRI_HOME/landing", "Landing zone: a local folder or s3://bucket/prefix (train/** and test/** below it)."),
@@ -27,6 +27,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "MRI_MAX_IMAGE_PIXELS": ("50000000", "Decompression-bomb guard: larger images are rejected as too_large."),
     "MRI_SLACK_CHANNEL": ("#mri-models", "Slack channel for promotion, refusal and failure messages."),
     "SLACK_BOT_TOKEN": ("(unset)", "Slack bot token (secret). Unset: messages go to the run log instead."),
+    "MRI_SLACK_API_URL": ("(unset)", "Slack Web API base URL, for a Slack-compatible endpoint or a local test server."),
     "AWS_ENDPOINT_URL": ("(unset)", "S3-compatible endpoint (MinIO, moto, ...); with the usual AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION."),
 }
 

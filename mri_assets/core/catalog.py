@@ -5,8 +5,12 @@ Every function takes an open DuckDB connection; none opens one, so the caller de
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -107,6 +111,20 @@ JOIN landing_ledger l ON l.source_key = r.source_key AND l.fingerprint = r.finge
 LEFT JOIN landed_images a ON a.source_key = r.source_key
 ORDER BY r.source_key
 """
+
+
+@contextmanager
+def exclusive_lock(database: str | Path) -> Iterator[None]:
+    """Hold ``<database>.lock`` exclusively: DuckDB allows one writing process per file, so
+    writers queue on this lock instead of failing, whichever Dagster instance launched them."""
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # DuckDB keeps a result open until it is fully fetched, so single rows are read with fetchall().
@@ -314,3 +332,39 @@ def table_version(conn, table: str) -> str:
         f"SELECT coalesce(md5(string_agg(CAST(t AS VARCHAR), '\n' ORDER BY CAST(t AS VARCHAR))), '') FROM {table} t"
     ).fetchall()[0]
     return row[0][:16]
+
+
+DEPLOYMENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    version VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,
+    roc_auc DOUBLE,
+    test_set_version VARCHAR,
+    deployed_at VARCHAR NOT NULL,
+    reason VARCHAR,
+    PRIMARY KEY (version, deployed_at)
+);
+"""
+
+
+def sync_deployments(conn, history) -> int:
+    """Mirror the store's deployment history into DuckDB; returns the rows added.
+
+    The store is the source of truth (its pointer flips atomically), so a crash between the two
+    writes is repaired here on the next run.
+    """
+    conn.execute(DEPLOYMENTS_SCHEMA)
+    added = 0
+    for entry in history:
+        exists = conn.execute(
+            "SELECT count(*) FROM deployments WHERE version = ? AND deployed_at = ?",
+            [entry.version, entry.deployed_at],
+        ).fetchall()[0][0]
+        if not exists:
+            conn.execute(
+                "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
+                [entry.version, entry.action, entry.auc, entry.test_set_version,
+                 entry.deployed_at, entry.reason],
+            )
+            added += 1
+    return added

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from mri_assets.core import catalog
+from mri_assets.core.catalog import sync_deployments
 from mri_assets.core.evaluation import Evaluation
 from mri_assets.core.notify import Contender, promotion_message, refusal_message
 from mri_assets.core.promotion import Decision, decide_promotion
@@ -24,18 +25,6 @@ from mri_assets.resources import (
     SlackAlerts,
     WarehouseResource,
 )
-
-DEPLOYMENTS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS deployments (
-    version VARCHAR NOT NULL,
-    action VARCHAR NOT NULL,
-    roc_auc DOUBLE,
-    test_set_version VARCHAR,
-    deployed_at VARCHAR NOT NULL,
-    reason VARCHAR,
-    PRIMARY KEY (version, deployed_at)
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -149,29 +138,6 @@ def candidate_beats_deployed_and_baseline(
         description=standing.decision.reason,
         metadata=standing.metadata(),
     )
-
-
-def sync_deployments(conn, history) -> int:
-    """Mirror the store's deployment history into DuckDB; returns the rows added.
-
-    The store is the source of truth (its pointer flips atomically), so a crash between the two
-    writes is repaired here on the next run.
-    """
-    conn.execute(DEPLOYMENTS_SCHEMA)
-    added = 0
-    for entry in history:
-        exists = conn.execute(
-            "SELECT count(*) FROM deployments WHERE version = ? AND deployed_at = ?",
-            [entry.version, entry.deployed_at],
-        ).fetchall()[0][0]
-        if not exists:
-            conn.execute(
-                "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
-                [entry.version, entry.action, entry.auc, entry.test_set_version,
-                 entry.deployed_at, entry.reason],
-            )
-            added += 1
-    return added
 
 
 def history_markdown(history) -> str:
