@@ -86,3 +86,59 @@ def s3_bucket(moto_server, monkeypatch, request):
     client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return name
+
+
+class FakeSlack:
+    """A local HTTP server that answers like Slack's Web API and remembers every request."""
+
+    def __init__(self, status: int = 200, ok: bool = True) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs
+
+        self.requests: list[dict] = []
+        self.status, self.ok = status, ok
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                if self.headers.get("Content-Type", "").startswith("application/json"):
+                    payload = json.loads(body or "{}")
+                else:
+                    payload = {k: v[0] for k, v in parse_qs(body).items()}
+                fake.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "payload": payload}
+                )
+                reply = {"ok": fake.ok} if fake.ok else {"ok": False, "error": "channel_not_found"}
+                data = json.dumps(reply).encode()
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def texts(self) -> list[str]:
+        return [r["payload"].get("text", "") for r in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_slack(monkeypatch):
+    """Slack posts from this test go to a local server; yields the server."""
+    server = FakeSlack()
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test-token")
+    monkeypatch.setenv("MRI_SLACK_API_URL", server.url)
+    yield server
+    server.close()
