@@ -103,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model, preprocessing = store.load_version(deployed.version)
+    model, preprocessing = store.load_version(deployed["version"])
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     decoded, failures = [], 0
     for path in args.files:
@@ -138,10 +138,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if deployed is None:
         print(f"no model deployed yet (model store: {settings.model_store_dir})")
         return 0
-    record = store.training_record(deployed.version)
-    print(f"deployed: {deployed.version}")
-    print(f"  ROC AUC {format_auc(deployed.auc)} on test set {deployed.test_set_version}")
-    print(f"  since {deployed.deployed_at} ({deployed.action}): {deployed.reason}")
+    record = store.training_record(deployed["version"])
+    print(f"deployed: {deployed['version']}")
+    print(f"  ROC AUC {format_auc(deployed['auc'])} on test set {deployed['test_set_version']}")
+    print(f"  since {deployed['deployed_at']} ({deployed['action']}): {deployed['reason']}")
     print(
         f"  trained on train set {record.get('train_set_version')} "
         f"({record.get('n_train')} images, strategy {record.get('config', {}).get('strategy')}, "
@@ -149,7 +149,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     print("history (newest first):")
     for entry in reversed(store.deployment_history()):
-        print(f"  {entry.deployed_at}  {entry.action:<8} {entry.version}  AUC {format_auc(entry.auc)}")
+        print(
+            f"  {entry['deployed_at']}  {entry['action']:<8} {entry['version']}  "
+            f"AUC {format_auc(entry['auc'])}"
+        )
     return 0
 
 
@@ -159,14 +162,16 @@ def format_auc(auc: float | None) -> str:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Point the deployment back at an earlier version, then mirror it into DuckDB."""
+    from mri_assets.core.store import ModelStoreError
+
     settings = Settings.from_env()
     store = open_store(settings)
     try:
         entry = store.rollback(args.version)
-    except (LookupError, ValueError) as error:
+    except ModelStoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"rolled back: {entry.version} is deployed")
+    print(f"rolled back: {entry['version']} is deployed")
     mirror_deployments(settings, store)
     return 0
 

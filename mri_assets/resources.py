@@ -139,7 +139,7 @@ class ModelStoreResource(dg.ConfigurableResource):
         return ModelStore(self.root_path())
 
     def base_root(self) -> Path:
-        return self.root_path() / "base"
+        return self.open().base_root
 
     def embedding_cache(self):
         from mri_assets.core.train import EmbeddingCache

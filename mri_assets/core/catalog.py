@@ -358,13 +358,13 @@ def sync_deployments(conn, history) -> int:
     for entry in history:
         exists = conn.execute(
             "SELECT count(*) FROM deployments WHERE version = ? AND deployed_at = ?",
-            [entry.version, entry.deployed_at],
+            [entry["version"], entry["deployed_at"]],
         ).fetchall()[0][0]
         if not exists:
             conn.execute(
                 "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
-                [entry.version, entry.action, entry.auc, entry.test_set_version,
-                 entry.deployed_at, entry.reason],
+                [entry["version"], entry["action"], entry["auc"], entry["test_set_version"],
+                 entry["deployed_at"], entry["reason"]],
             )
             added += 1
     return added

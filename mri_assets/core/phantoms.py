@@ -4,10 +4,10 @@ Everything is drawn analytically in a head-centred frame (x to the patient's lef
 front to back, units where the field of view spans -1..1) so one code path serves any output
 size. Only numpy and PIL are needed: smooth random fields come from FFT-filtered white noise.
 
-The two classes differ only in morphology a radiologist would use, never in a global statistic:
-gliomas sit inside the parenchyma with blurred margins and finger-like oedema, meningiomas sit on
-the dura with sharp margins and a CSF cleft. Size, side, lobe and brightness are drawn from
-overlapping distributions.
+The classes differ in the morphology a radiologist would use rather than in any global
+statistic: gliomas sit inside the parenchyma with blurred margins and finger-like oedema,
+meningiomas sit on the dura with sharp margins and a CSF cleft. Size, side, lobe, oedema and
+brightness are drawn from overlapping distributions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ _CLASS_FOLDERS = {"glioma": "Glioma T2", "meningioma": "Meningioma T2"}
 _SUFFIXES = (".png", ".jpg", ".png", ".jpeg")
 _JPEG_QUALITY = 90
 
-# Radial profile of the head outside the brain, in normalised elliptic radius (1 = skin surface).
+# Elliptic radius of the inner skull table (the skin is at 1): the intracranial boundary.
 _INNER_TABLE = 0.87
 
 
@@ -42,23 +43,42 @@ def _soft(x: np.ndarray, width: float) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(x / width))
 
 
-def _smooth_fields(rng: np.random.Generator, size: int, scales: Iterable[float]) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian random fields, one per correlation length (normalised units)."""
-    scales = list(scales)
-    white = rng.standard_normal((len(scales), size, size))
-    spectrum = np.fft.rfft2(white)
+@lru_cache(maxsize=64)
+def _spectral_filter(size: int, scale: float, band: float) -> np.ndarray:
+    """Gaussian low-pass of correlation length ``scale`` (normalised units) in rfft2 layout; with
+    band > 0, minus ``band`` times a 3x wider one, i.e. a band-pass. Zero mean (no DC)."""
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
     f2 = fx**2 + fy**2
-    sigma_px = np.asarray(scales)[:, None, None] * size / 2.0
-    fields = np.fft.irfft2(spectrum * np.exp(-2.0 * np.pi**2 * sigma_px**2 * f2), s=(size, size))
-    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    sigma_px = scale * size / 2.0
+    gain = np.exp(-2.0 * np.pi**2 * sigma_px**2 * f2)
+    if band:
+        gain -= band * np.exp(-2.0 * np.pi**2 * (3 * sigma_px) ** 2 * f2)
+    gain[0, 0] = 0.0
+    gain = gain.astype(np.float32)  # single precision halves the FFT's cost; plenty for texture
+    gain.flags.writeable = False
+    return gain
+
+
+def _smooth_fields(
+    rng: np.random.Generator, size: int, filters: Iterable[tuple[float, float]]
+) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian random fields, one per (scale, band) filter.
+
+    The noise is drawn straight in the frequency domain, which saves a forward FFT, and uniform:
+    each output pixel sums many frequencies, so it is Gaussian anyway and uniforms are cheaper.
+    """
+    gains = np.stack([_spectral_filter(size, scale, band) for scale, band in filters])
+    noise = rng.random((2, *gains.shape), dtype=np.float32) - np.float32(0.5)
+    spectrum = (noise[0] + 1j * noise[1]).astype(np.complex64) * gains
+    fields = np.fft.irfft2(spectrum, s=(size, size))
     fields /= fields.std(axis=(1, 2), keepdims=True) + 1e-12
     return fields
 
 
-def _harmonics(rng: np.random.Generator, ks: Iterable[int], amp: float, decay: float = 1.0
-               ) -> np.ndarray:
+def _harmonics(
+    rng: np.random.Generator, ks: Iterable[int], amp: float, decay: float = 1.0
+) -> np.ndarray:
     """Coefficients of a random periodic function: cosines with amplitude amp / k**decay."""
     ks = list(ks)
     coefficients = np.zeros(max(ks) + 1, dtype=complex)
@@ -70,15 +90,15 @@ def _harmonics(rng: np.random.Generator, ks: Iterable[int], amp: float, decay: f
 def _periodic(coefficients: np.ndarray, z: np.ndarray | complex) -> np.ndarray:
     """Evaluate Re(sum c_k z**k) at unit complex numbers z = exp(i angle), by Horner's rule
     (much cheaper than one cosine per harmonic over the whole image)."""
-    total = np.zeros_like(z) + coefficients[-1]
-    for c in coefficients[-2::-1]:
+    total = np.zeros_like(z) + complex(coefficients[-1])
+    for c in coefficients[-2::-1].tolist():  # Python scalars keep single-precision arrays single
         total = total * z + c
     return total.real
 
 
 def _unit(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance from the origin and exp(i angle) of each point, without trigonometry."""
-    r = np.hypot(dx, dy)
+    r = np.sqrt(dx * dx + dy * dy)  # np.hypot is several times slower
     return r, (dx + 1j * dy) / np.maximum(r, 1e-9)
 
 
@@ -129,10 +149,11 @@ def _random_head(rng: np.random.Generator) -> _Head:
 
 def _head_frame(head: _Head, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Head-frame coordinates of every pixel centre (undoing the head's rotation and shift)."""
-    t = (np.arange(size) + 0.5) / size * 2.0 - 1.0
+    # Single precision throughout: ample for 8-bit output, and half the memory traffic.
+    t = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
     yi, xi = np.meshgrid(t, t, indexing="ij")
     xs, ys = xi - head.shift[0], yi - head.shift[1]
-    cos, sin = np.cos(head.angle), np.sin(head.angle)
+    cos, sin = float(np.cos(head.angle)), float(np.sin(head.angle))
     return cos * xs + sin * ys, -sin * xs + cos * ys
 
 
@@ -148,7 +169,7 @@ def _scalp_and_skull(rng: np.random.Generator, rho: np.ndarray, csf: float) -> n
     for edge, before, after in zip(edges, values[:-1], values[1:], strict=True):
         xs += [edge - eps, edge + eps]
         ys += [before, after]
-    return np.interp(rho, xs, ys)
+    return np.interp(rho, xs, ys).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- mass effect
@@ -158,7 +179,7 @@ def _scalp_and_skull(rng: np.random.Generator, rho: np.ndarray, csf: float) -> n
 class _Push:
     """A lesion that pushes the surrounding brain outward from its centre."""
 
-    centre: np.ndarray
+    centre: tuple[float, float]
     radius: float
     strength: float  # fraction of the radius by which the nearest tissue is displaced
     reach: float  # decay length of the displacement
@@ -166,12 +187,13 @@ class _Push:
 
 def _warp(x: np.ndarray, y: np.ndarray, push: _Push) -> tuple[np.ndarray, np.ndarray]:
     """Where each pixel's brain content came from before the lesion pushed it (monotone, no folds)."""
-    dx, dy = x - push.centre[0], y - push.centre[1]
-    r = np.hypot(dx, dy) + 1e-9
+    cx, cy = push.centre
+    dx, dy = x - cx, y - cy
+    r = np.sqrt(dx * dx + dy * dy) + 1e-9
     outside = push.radius * push.strength * np.exp(-np.maximum(r - push.radius, 0) / push.reach)
     source = np.where(r < push.radius, r * (1 - push.strength), r - outside)
     factor = source / r
-    return push.centre[0] + dx * factor, push.centre[1] + dy * factor
+    return cx + dx * factor, cy + dy * factor
 
 
 # --------------------------------------------------------------------------- brain anatomy
@@ -179,14 +201,18 @@ def _warp(x: np.ndarray, y: np.ndarray, push: _Push) -> tuple[np.ndarray, np.nda
 
 @dataclass(frozen=True)
 class _Tissue:
+    """Per-subject T2 intensities (before bias and gain): CSF > grey matter > white matter."""
+
     wm: float
     gm: float
     csf: float
 
 
-def _ventricles(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, atrophy: float
-                ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Lateral ventricles as two crescents bowing away from the midline, wider at the frontal horns."""
+def _ventricles(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, atrophy: float, margin: float
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Lateral ventricles, the same shape grown by ``margin`` (for periventricular caps), and their
+    front-back span. Two crescents bowing away from the midline, wider at the frontal horns."""
     sep = rng.uniform(0.025, 0.05) * atrophy
     half_len = rng.uniform(0.15, 0.25) * atrophy**0.5
     width = rng.uniform(0.022, 0.042) * atrophy
@@ -194,12 +220,15 @@ def _ventricles(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, atrophy:
     bow = rng.uniform(0.8, 2.0)
     vy = y - y0
     widening = 1.0 + 0.7 * np.clip(-vy / half_len, 0, 1)
-    out = np.zeros_like(x)
+    inside = np.zeros_like(x)
+    grown = np.zeros_like(x)
     for side in (-1.0, 1.0):
         vx = side * x - sep - bow * vy**2
-        q = np.sqrt((vx / (width * widening)) ** 2 + (vy / half_len) ** 2)
-        out = np.maximum(out, _soft((1 - q) * width, 0.004))
-    return out, (y0 - half_len, y0 + half_len)
+        for extra, out in ((0.0, inside), (margin, grown)):
+            wx = width * widening + extra
+            q = np.sqrt((vx / wx) ** 2 + (vy / (half_len + extra)) ** 2)
+            np.maximum(out, _soft((1 - q) * wx, 0.004 + extra / 3), out=out)
+    return inside, grown, (y0 - half_len, y0 + half_len)
 
 
 def _deep_grey(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -208,8 +237,15 @@ def _deep_grey(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 0.6 * _soft(1 - q, 0.15)
 
 
-def _brain(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head, tissue: _Tissue,
-           sulcal: np.ndarray, texture: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _brain(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    head: _Head,
+    tissue: _Tissue,
+    sulcal: np.ndarray,
+    texture: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parenchyma intensity, brain mask and grey-matter weight at (possibly warped) head coords.
 
     sulcal: band-pass random field whose zero lines become sulci; texture: a smooth field.
@@ -230,7 +266,10 @@ def _brain(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head, 
     image = (tissue.wm + (tissue.gm - tissue.wm) * grey) * (1 + 0.05 * texture)
     image = _blend(image, tissue.csf, 0.85 * sulcus)
 
-    ventricles, (front, back) = _ventricles(rng, x, y, atrophy)
+    caps = rng.uniform(0.3, 0.8) if rng.random() < 0.5 else 0.0
+    ventricles, grown, (front, back) = _ventricles(rng, x, y, atrophy, rng.uniform(0.02, 0.05))
+    # Periventricular T2 caps in either class, so bright white-matter area is no class cue.
+    image = _blend(image, rng.uniform(0.6, 0.72), caps * grown)
     image = _blend(image, tissue.csf, ventricles)
     beyond_ventricles = np.maximum(_soft(front - 0.04 - y, 0.01), _soft(y - back - 0.04, 0.01))
     fissure = _soft(0.007 - np.abs(x), 0.002) * beyond_ventricles
@@ -257,7 +296,9 @@ class _Lesion:
     push: _Push
 
 
-def _glioma_centre(rng: np.random.Generator, head: _Head, outline: np.ndarray) -> np.ndarray:
+def _glioma_centre(
+    rng: np.random.Generator, head: _Head, outline: np.ndarray
+) -> tuple[float, float]:
     """A centre anywhere in the hemispheres that keeps a layer of brain between core and skull.
 
     outline: (n, 2) offsets of the core's boundary from its centre, already padded by the gap.
@@ -270,11 +311,17 @@ def _glioma_centre(rng: np.random.Generator, head: _Head, outline: np.ndarray) -
     fits = (rho < _INNER_TABLE - 0.06).all(axis=1)  # brain surface is at most 0.06 inside
     t_max = steps[fits.nonzero()[0].max(), 0, 0] if fits.any() else 0.0
     # sqrt: uniform over the area the centre may occupy, not crowded at the middle
-    return np.sqrt(rng.uniform(0.0, 1.0)) * t_max * direction
+    return tuple((np.sqrt(rng.uniform(0.0, 1.0)) * t_max * direction).tolist())
 
 
-def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
-            tissue: _Tissue, fields: np.ndarray) -> _Lesion:
+def _glioma(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    head: _Head,
+    tissue: _Tissue,
+    fields: np.ndarray,
+) -> _Lesion:
     """Intra-axial, irregular, infiltrative, heterogeneous, with finger-like vasogenic oedema.
 
     fields: [boundary roughness, core texture, oedema texture] random fields.
@@ -284,8 +331,8 @@ def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
     angles = np.exp(1j * np.linspace(0, 2 * np.pi, 64, endpoint=False))
     # Pad for the ragged edge and blur below, plus a layer of cortex the core must not reach.
     reach = radius * 1.2 * np.maximum(1 + _periodic(shape, angles), 0.3) + rng.uniform(0.05, 0.1)
-    centre = _glioma_centre(rng, head, np.stack([reach * angles.real, reach * angles.imag], -1))
-    r, z = _unit(x - centre[0], y - centre[1])
+    cx, cy = _glioma_centre(rng, head, np.stack([reach * angles.real, reach * angles.imag], -1))
+    r, z = _unit(x - cx, y - cy)
     boundary = radius * np.maximum(1 + _periodic(shape, z), 0.3)
     # Ragged, fractal-ish edge: perturb the radial coordinate with a fine random field.
     s = r / boundary + 0.1 * fields[0]
@@ -298,22 +345,28 @@ def _glioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
 
     # Oedema reaches out in a few broad lobes; sparing the cortex (in render) makes them fingers.
     lobes = np.tanh(_periodic(_harmonics(rng, range(2, 8), 1.2, decay=0.5), z))
-    extent = radius * rng.uniform(0.3, 1.3) * (0.55 + 0.45 * lobes)
+    extent = radius * rng.uniform(0.25, 1.25) * (0.55 + 0.45 * lobes)
     oedema = _soft(boundary + extent - r + 0.03 * fields[2], 0.02)
-    push = _Push(centre, radius * 0.8, rng.uniform(0.25, 0.5), radius * 1.2 + 0.03)
+    push = _Push((cx, cy), radius * 0.8, rng.uniform(0.25, 0.5), radius * 1.2 + 0.03)
     return _Lesion(core, alpha, oedema * rng.uniform(0.55, 0.9), rng.uniform(0.6, 0.76), push)
 
 
-def _meningioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _Head,
-                tissue: _Tissue, fields: np.ndarray) -> _Lesion:
+def _meningioma(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    head: _Head,
+    tissue: _Tissue,
+    fields: np.ndarray,
+) -> _Lesion:
     """Extra-axial dural-based mass: broad base on the inner table, sharp lobulated edge, CSF cleft."""
     # Slightly larger spheres so the visible, skull-clipped part matches a glioma core's area.
     radius = 1.12 * _lesion_size(rng)
     phi0 = rng.uniform(0, 2 * np.pi)
     base = head.surface_point(phi0, _INNER_TABLE)
     embed = rng.uniform(0.3, 0.7)  # < 1: the sphere's cap is cut off by the skull -> broad base
-    centre = base + head.inward_normal(base) * embed * radius
-    r, z = _unit(x - centre[0], y - centre[1])
+    cx, cy = (base + head.inward_normal(base) * embed * radius).tolist()
+    r, z = _unit(x - cx, y - cy)
     boundary = radius * (1 + _periodic(_harmonics(rng, range(2, 6), 0.1, decay=0.7), z))
 
     rho, z_head = head.polar(x, y)
@@ -329,16 +382,17 @@ def _meningioma(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, head: _H
     cleft = np.clip(_soft(boundary + cleft_width - r, 0.003) - alpha, 0, 1) * intracranial
     cleft_value = tissue.csf if rng.random() < 0.75 else 0.12  # CSF or a dark vascular rim
     halo, halo_value = cleft, cleft_value
-    if rng.random() < 0.4:  # some meningiomas have mild oedema beyond the cleft
-        mild = _soft(boundary + radius * rng.uniform(0.2, 0.5) - r + 0.02 * fields[2], 0.025)
+    if rng.random() < 0.5:  # many meningiomas have mild oedema beyond the cleft
+        mild = _soft(boundary + radius * rng.uniform(0.2, 0.7) - r + 0.02 * fields[2], 0.025)
         halo_value = _blend(np.full_like(r, rng.uniform(0.55, 0.68)), cleft_value, cleft)
         halo = np.maximum(cleft, 0.6 * mild * intracranial)
-    push = _Push(centre, radius, rng.uniform(0.6, 0.85), radius * 0.8 + 0.03)
+    push = _Push((cx, cy), radius, rng.uniform(0.6, 0.85), radius * 0.8 + 0.03)
     return _Lesion(intensity, alpha, halo, halo_value, push)
 
 
-def _dural_tail(rng: np.random.Generator, rho: np.ndarray, off: np.ndarray, half_base: float
-                ) -> np.ndarray:
+def _dural_tail(
+    rng: np.random.Generator, rho: np.ndarray, off: np.ndarray, half_base: float
+) -> np.ndarray:
     """Thin dural thickening tapering along the inner table; off is the angle from the base."""
     length = rng.uniform(0.08, 0.2)
     taper = np.clip(1 - (off - half_base) / length, 0, 1) * (off < half_base + length)
@@ -366,18 +420,16 @@ def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Pha
     x, y = _head_frame(head, size)
     wm = rng.uniform(0.32, 0.4)
     tissue = _Tissue(wm=wm, gm=wm + rng.uniform(0.12, 0.24), csf=rng.uniform(0.8, 0.97))
-    # Two sulcal scales, brain texture, lesion roughness, lesion texture, oedema texture.
-    f = _smooth_fields(rng, size, (0.018, 0.05, 0.03, 0.012, 0.025, 0.04))
-    sulcal = f[0] - 0.5 * f[1]
-    sulcal /= sulcal.std()
+    # Sulcal band-pass, brain texture, lesion roughness, lesion texture, oedema texture.
+    f = _smooth_fields(rng, size, ((0.018, 0.5), (0.03, 0), (0.012, 0), (0.025, 0), (0.04, 0)))
 
     draw = _glioma if label == "glioma" else _meningioma
-    lesion = draw(rng, x, y, head, tissue, f[3:6])
+    lesion = draw(rng, x, y, head, tissue, f[2:5])
     rho, _ = head.polar(x, y)
     intracranial = _soft(_INNER_TABLE - rho, 0.003)
     image = _scalp_and_skull(rng, rho, tissue.csf)
     xw, yw = _warp(x, y, lesion.push)
-    brain, brain_mask, grey = _brain(rng, xw, yw, head, tissue, sulcal, f[2])
+    brain, brain_mask, grey = _brain(rng, xw, yw, head, tissue, f[0], f[1])
     brain_mask = brain_mask * intracranial
     image = _blend(image, brain, brain_mask)
 
@@ -389,15 +441,16 @@ def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Pha
     return Phantom(_acquire(rng, image, x, y), lesion.alpha, intracranial > 0.5, label)
 
 
-def _acquire(rng: np.random.Generator, image: np.ndarray, x: np.ndarray, y: np.ndarray
-             ) -> np.ndarray:
+def _acquire(
+    rng: np.random.Generator, image: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> np.ndarray:
     """Smooth coil bias, scanner gain and Rician noise (magnitude of complex Gaussian) -> 8 bit."""
-    c = rng.normal(0, 0.08, 5)
+    c = rng.normal(0, 0.08, 5).tolist()
     bias = np.exp(c[0] * x + c[1] * y + c[2] * x * x + c[3] * y * y + c[4] * x * y)
     signal = image * bias * rng.uniform(0.78, 1.0)
     sigma = rng.uniform(0.015, 0.04)
-    noise = rng.standard_normal((2, *image.shape)) * sigma
-    magnitude = np.hypot(signal + noise[0], noise[1])
+    noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * sigma
+    magnitude = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)
     return np.clip(magnitude * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -411,7 +464,7 @@ def generate_slice(rng: np.random.Generator, label: str, size: int = 256) -> np.
 
 @dataclass(frozen=True)
 class PlannedImage:
-    """One file ``write_dataset`` will write, and the random stream that renders it."""
+    """One file ``write_dataset`` will write; ``image_rng`` gives the stream that renders it."""
 
     split: str
     label: str
@@ -430,6 +483,8 @@ class PlannedImage:
 
 @dataclass(frozen=True)
 class DatasetSummary:
+    """What ``write_dataset`` wrote: the tree's root, files per split and class, and the total."""
+
     root: Path
     counts: dict[str, dict[str, int]]  # {"train": {"glioma": 260, ...}, "test": {...}}
     files: int
@@ -439,15 +494,15 @@ def split_counts(n: int, test_fraction: float) -> tuple[int, int]:
     """(train, test) for one class: the test share is floored, as in the seed data set."""
     if n < 0:
         raise ValueError(f"image count must be >= 0, got {n}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
     test = int(n * test_fraction)
     return n - test, test
 
 
 def _relative_path(split: str, label: str, index: int) -> str:
-    """Both landing-zone conventions within each class: a class folder of numbered files (two in
-    three), or a file named after its class directly in the split folder."""
+    """Both landing-zone label conventions within each class: two in three files are numbered
+    inside a class folder, the rest are named after their class directly in the split folder."""
     suffix = _SUFFIXES[index % len(_SUFFIXES)]
     number = index + 1
     if (index // 2) % 3 == 2:
@@ -455,14 +510,16 @@ def _relative_path(split: str, label: str, index: int) -> str:
     return f"{split}/{_CLASS_FOLDERS[label]}/{number:04d}{suffix}"
 
 
-def plan_dataset(n_glioma: int = 346, n_meningioma: int = 329, test_fraction: float = 0.25
-                 ) -> list[PlannedImage]:
+def plan_dataset(
+    n_glioma: int = 346, n_meningioma: int = 329, test_fraction: float = 0.25
+) -> list[PlannedImage]:
     """The files ``write_dataset`` writes for these counts, without rendering anything."""
     planned: list[PlannedImage] = []
     for label, n in zip(CLASSES, (n_glioma, n_meningioma), strict=True):
         for split, count in zip(SPLITS, split_counts(n, test_fraction), strict=True):
-            planned += [PlannedImage(split, label, i, _relative_path(split, label, i))
-                        for i in range(count)]
+            planned += [
+                PlannedImage(split, label, i, _relative_path(split, label, i)) for i in range(count)
+            ]
     return planned
 
 
@@ -483,9 +540,15 @@ def encode_image(pixels: np.ndarray, jpeg: bool) -> bytes:
     return buffer.getvalue()
 
 
-def write_dataset(out: str | Path, seed: int = 0, n_glioma: int = 346, n_meningioma: int = 329,
-                  test_fraction: float = 0.25, size: int = 256, progress: bool = True
-                  ) -> DatasetSummary:
+def write_dataset(
+    out: str | Path,
+    seed: int = 0,
+    n_glioma: int = 346,
+    n_meningioma: int = 329,
+    test_fraction: float = 0.25,
+    size: int = 256,
+    progress: bool = True,
+) -> DatasetSummary:
     """Render and write a landing-zone tree ``out/{train,test}/...`` of labelled slices.
 
     The same seed gives byte-identical files. Nothing but the images is written.

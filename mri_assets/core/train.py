@@ -312,6 +312,33 @@ def data_snapshot_hash(sha256s: Sequence[str], labels: Sequence[int | str]) -> s
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def training_record(
+    result: TrainResult,
+    sha256s: Sequence[str],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    base_model: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON training record of a run: data snapshot, base model, config, per-epoch metrics.
+
+    ``extra`` (e.g. ``positive_class``, ``train_set_version``) is merged in as given;
+    ModelStore.save_version adds the version id, creation time and code version.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    return {
+        "base_model": base_model,
+        "classes": list(class_names),
+        "data_snapshot": {
+            "sha256": data_snapshot_hash(sha256s, labels),
+            "n_images": len(sha256s),
+            "n_per_class": dict(zip(class_names, counts.tolist(), strict=True)),
+        },
+        **result.summary(),
+        **extra,
+    }
+
+
 def _validated_labels(sha256s: Sequence[str], labels: Sequence[int]) -> np.ndarray:
     targets = np.asarray(labels, dtype=np.int64)
     if len(sha256s) != targets.size:

@@ -100,7 +100,7 @@ def current_standing(
             return base.model, base.preprocessing
     base_eval = evaluate_once(warehouse, pixels, settings, base_version, "baseline", test_set, load)
     deployed_entry = store.deployed()
-    deployed_version = deployed_entry.version if deployed_entry else None
+    deployed_version = deployed_entry["version"] if deployed_entry else None
     deployed = None
     if deployed_version == version:
         deployed = candidate
@@ -143,8 +143,10 @@ def candidate_beats_deployed_and_baseline(
 def history_markdown(history) -> str:
     rows = ["| when (UTC) | action | version | ROC AUC | test set |", "|---|---|---|---|---|"]
     for e in reversed(history[-20:]):
-        auc = "n/a" if e.auc is None else f"{e.auc:.4f}"
-        rows.append(f"| {e.deployed_at} | {e.action} | {e.version} | {auc} | {e.test_set_version} |")
+        auc = "n/a" if e["auc"] is None else f"{e['auc']:.4f}"
+        rows.append(
+            f"| {e['deployed_at']} | {e['action']} | {e['version']} | {auc} | {e['test_set_version']} |"
+        )
     return "\n".join(rows)
 
 
@@ -187,12 +189,12 @@ def deployed_model(
     return dg.MaterializeResult(
         metadata={
             **standing.metadata(),
-            "deployed_version": current.version,
+            "deployed_version": current["version"],
             "deployed_roc_auc": standing.candidate.roc_auc,
             "deployments_recorded": added,
             "history": dg.MetadataValue.md(history_markdown(history)),
         },
-        data_version=dg.DataVersion(current.version),
+        data_version=dg.DataVersion(current["version"]),
     )
 
 

@@ -265,12 +265,12 @@ def candidate_evaluation(
     )
     metadata = evaluation_metadata(candidate, settings, "candidate")
     deployed = store.deployed()
-    if deployed is not None and deployed.version != version:
+    if deployed is not None and deployed["version"] != version:
         current = evaluate_once(
-            warehouse, pixels, settings, deployed.version, "deployed", test_set,
-            lambda: store.load_version(deployed.version),
+            warehouse, pixels, settings, deployed["version"], "deployed", test_set,
+            lambda: store.load_version(deployed["version"]),
         )
-        metadata["deployed_version"] = deployed.version
+        metadata["deployed_version"] = deployed["version"]
         metadata["deployed_roc_auc"] = metrics_metadata(current.metrics)["roc_auc"]
     return dg.MaterializeResult(
         metadata=metadata, data_version=dg.DataVersion(f"{version}@{test_set.version}")

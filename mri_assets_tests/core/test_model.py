@@ -1,0 +1,203 @@
+"""The model factory: embedded base created once, local folders, pickle refusal, preprocessing."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from mri_assets.core import model as model_module
+from mri_assets.core.labels import ClassSpec
+from mri_assets.core.model import (
+    EMBEDDED_IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    UnsafeWeightsError,
+    load_base_model,
+    preprocess_pixels,
+    read_preprocessing,
+    save_preprocessing,
+    weights_fingerprint,
+)
+
+CLASSES = ClassSpec()
+
+
+def tiny_resnet(num_labels: int) -> ResNetForImageClassification:
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=num_labels
+    )
+    torch.manual_seed(1)
+    return ResNetForImageClassification(config)
+
+
+def save_folder(model: ResNetForImageClassification, folder: Path, size: int = 48) -> Path:
+    model.save_pretrained(folder)
+    save_preprocessing(Preprocessing(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), folder)
+    return folder
+
+
+def test_embedded_is_created_once_then_read_back_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = load_base_model("embedded", CLASSES, tmp_path)
+    folder = Path(first.source)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    created_at = (folder / "model.safetensors").stat().st_mtime_ns
+
+    def must_not_create() -> None:
+        raise AssertionError("the embedded model was created a second time")
+
+    monkeypatch.setattr(model_module, "_new_embedded_model", must_not_create)
+    second = load_base_model("embedded", CLASSES, tmp_path)
+
+    assert weights_fingerprint(second.model) == weights_fingerprint(first.model)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == created_at
+    assert second.preprocessing == Preprocessing(EMBEDDED_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_embedded_weights_are_seeded_not_random(tmp_path: Path) -> None:
+    one = load_base_model("embedded", CLASSES, tmp_path / "a")
+    two = load_base_model("embedded", CLASSES, tmp_path / "b")
+
+    assert weights_fingerprint(one.model) == weights_fingerprint(two.model)
+
+
+def test_untrained_embedded_model_says_one_half_for_everything(tmp_path: Path) -> None:
+    base = load_base_model("embedded", CLASSES, tmp_path)
+    batch = torch.randn(4, 3, 32, 32)
+
+    with torch.inference_mode():
+        probs = torch.softmax(base.model(pixel_values=batch).logits, dim=-1)
+
+    assert torch.allclose(probs, torch.full_like(probs, 0.5))
+
+
+def test_labels_follow_the_class_spec_order(tmp_path: Path) -> None:
+    classes = ClassSpec(("meningioma", "glioma"), "glioma")
+
+    base = load_base_model("embedded", classes, tmp_path)
+
+    assert base.model.config.id2label == {0: "meningioma", 1: "glioma"}
+    assert base.model.config.label2id == {"meningioma": 0, "glioma": 1}
+
+
+def test_local_folder_keeps_its_backbone_and_gets_a_fresh_two_class_head(tmp_path: Path) -> None:
+    saved = tiny_resnet(num_labels=5)
+    folder = save_folder(saved, tmp_path / "five-class")
+
+    base = load_base_model(str(folder), CLASSES, tmp_path / "base")
+
+    assert base.model.config.num_labels == 2
+    assert weights_fingerprint(base.model.resnet) == weights_fingerprint(saved.resnet)
+    assert torch.count_nonzero(base.model.classifier[1].weight) == 0  # replaced head starts at zero
+    assert base.preprocessing == Preprocessing(48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert base.source == str(folder)
+
+
+def test_local_two_class_folder_keeps_its_trained_head(tmp_path: Path) -> None:
+    saved = tiny_resnet(num_labels=2)
+    folder = save_folder(saved, tmp_path / "two-class")
+
+    base = load_base_model(str(folder), CLASSES, tmp_path / "base")
+
+    assert weights_fingerprint(base.model) == weights_fingerprint(saved)
+
+
+class _Tripwire:
+    """Unpickling this creates a file, so a test can tell whether anything was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "pickled"
+    tiny_resnet(num_labels=2).config.save_pretrained(folder)
+    marker = tmp_path / "unpickled.txt"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Tripwire(marker)))
+
+    def no_torch_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load must never be called")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+
+    with pytest.raises(UnsafeWeightsError, match=r"pytorch_model\.bin.*only safetensors"):
+        load_base_model(str(folder), CLASSES, tmp_path / "base")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "model.pth", "last.ckpt", "model.pkl"])
+def test_every_pickle_suffix_is_refused(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"not even read")
+
+    with pytest.raises(UnsafeWeightsError, match=name.replace(".", r"\.")):
+        model_module.refuse_pickle_only(tmp_path)
+
+
+def test_preprocessing_round_trips_through_preprocessor_config(tmp_path: Path) -> None:
+    wanted = Preprocessing(96, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+    save_preprocessing(wanted, tmp_path)
+
+    assert read_preprocessing(tmp_path) == wanted
+    assert model_module._hub_preprocessing(str(tmp_path)) == wanted  # AutoImageProcessor agrees
+
+
+def test_preprocess_pixels_handles_mixed_sizes_in_order() -> None:
+    preprocessing = Preprocessing(16, IMAGENET_MEAN, IMAGENET_STD)
+    constants = [10, 128, 250]
+    pixels = [
+        np.full((20, 30, 3), constants[0], np.uint8),
+        np.full((64, 64, 3), constants[1], np.uint8),
+        np.full((20, 30, 3), constants[2], np.uint8),
+    ]
+
+    batch = preprocess_pixels(pixels, preprocessing)
+
+    assert batch.shape == (3, 3, 16, 16) and batch.dtype == torch.float32
+    for image, value in zip(batch, constants, strict=True):
+        expected = (value / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+        assert torch.allclose(image.mean(dim=(1, 2)), expected, atol=1e-4)
+
+
+def test_preprocess_pixels_matches_antialiased_bilinear_resize() -> None:
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(2)]
+    preprocessing = Preprocessing(24, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    batch = preprocess_pixels(pixels, preprocessing)
+
+    raw = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(raw, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(batch, resized / 255.0, atol=1e-5)
+
+
+def test_preprocess_pixels_rejects_non_rgb() -> None:
+    with pytest.raises(ValueError, match="RGB"):
+        preprocess_pixels([np.zeros((8, 8, 4), np.uint8)], Preprocessing(8))
+
+
+def test_weights_fingerprint_sees_a_single_changed_weight() -> None:
+    model = tiny_resnet(num_labels=2)
+    before = weights_fingerprint(model)
+
+    with torch.no_grad():
+        model.classifier[1].bias[0] += 1e-3
+
+    assert weights_fingerprint(model) != before
