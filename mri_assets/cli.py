@@ -30,8 +30,13 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     from mri_assets.core.phantoms import write_dataset
 
     summary = write_dataset(
-        args.out, seed=args.seed, n_glioma=args.glioma, n_meningioma=args.meningioma,
-        test_fraction=args.test_fraction, size=args.size, progress=not args.quiet,
+        args.out,
+        seed=args.seed,
+        n_glioma=args.glioma,
+        n_meningioma=args.meningioma,
+        test_fraction=args.test_fraction,
+        size=args.size,
+        progress=not args.quiet,
     )
     print(f"wrote {summary.files} images to {summary.root}: {json.dumps(summary.counts)}")
     return 0
@@ -45,10 +50,13 @@ def upload_tree(source: Path, landing, progress: bool = True) -> int:
     if not files:
         raise SystemExit(f"error: {source} holds no files to upload")
     workers = 16 if landing.location.startswith("s3://") else 4
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(files), unit="file", desc="upload", disable=not progress
-    ) as bar:
-        for _ in pool.map(lambda p: landing.write(p.relative_to(source).as_posix(), p.read_bytes()), files):
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(files), unit="file", desc="upload", disable=not progress) as bar,
+    ):
+        for _ in pool.map(
+            lambda p: landing.write(p.relative_to(source).as_posix(), p.read_bytes()), files
+        ):
             bar.update()
     return len(files)
 
@@ -105,22 +113,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     model, preprocessing = store.load_version(deployed["version"])
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    decoded, failures = [], 0
+    decoded: dict[str, object] = {}
     for path in args.files:
         try:
-            decoded.append((path, decode_image(Path(path).read_bytes(), settings.max_image_pixels).pixels))
+            decoded[path] = decode_image(Path(path).read_bytes(), settings.max_image_pixels).pixels
         except (OSError, ImageRejected) as error:
-            failures += 1
-            report_failure(path, error, args.json)
-    probabilities = predict_probabilities(model, preprocessing, [p for _, p in decoded])
-    for (path, _), row in zip(decoded, probabilities, strict=True):
-        scores = {name: round(float(p), 4) for name, p in zip(names, row, strict=True)}
+            decoded[path] = error
+    readable = [path for path in args.files if not isinstance(decoded[path], Exception)]
+    probabilities = dict(
+        zip(
+            readable,
+            predict_probabilities(model, preprocessing, [decoded[p] for p in readable]),
+            strict=True,
+        )
+    )
+    for path in args.files:  # answers come in the order the files were given
+        if path not in probabilities:
+            report_failure(path, decoded[path], args.json)
+            continue
+        scores = {
+            name: round(float(p), 4) for name, p in zip(names, probabilities[path], strict=True)
+        }
         label = max(scores, key=scores.get)
         if args.json:
             print(json.dumps({"path": path, "label": label, "scores": scores}))
         else:
             print(f"{path}\t{label}\t" + "\t".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    return 1 if failures else 0
+    return 1 if len(readable) < len(args.files) else 0
 
 
 def report_failure(path: str, error: Exception, as_json: bool) -> None:
@@ -199,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("out", help="folder to write train/ and test/ into")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--glioma", type=int, default=346, help="number of gliomas (default 346)")
-    make.add_argument("--meningioma", type=int, default=329, help="number of meningiomas (default 329)")
+    make.add_argument(
+        "--meningioma", type=int, default=329, help="number of meningiomas (default 329)"
+    )
     make.add_argument("--test-fraction", type=float, default=0.25)
     make.add_argument("--size", type=int, default=256, help="image side in pixels")
     make.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -207,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     upload = commands.add_parser("upload", help="copy a folder tree into the landing zone")
     upload.add_argument("source")
-    upload.add_argument("--landing", help="local folder or s3://bucket/prefix (default MRI_LANDING)")
+    upload.add_argument(
+        "--landing", help="local folder or s3://bucket/prefix (default MRI_LANDING)"
+    )
     upload.add_argument("--quiet", action="store_true")
     upload.set_defaults(run=cmd_upload)
 
@@ -228,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_status)
 
     rollback = commands.add_parser("rollback", help="deploy an earlier model version again")
-    rollback.add_argument("version", nargs="?", help="default: the version deployed before the current one")
+    rollback.add_argument(
+        "version", nargs="?", help="default: the version deployed before the current one"
+    )
     rollback.set_defaults(run=cmd_rollback)
     return parser
 
