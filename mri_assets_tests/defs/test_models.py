@@ -1,0 +1,144 @@
+"""The model chain on small generated data: baseline, fine-tuning, evaluation, promotion."""
+
+import shutil
+
+import dagster as dg
+import duckdb
+import pytest
+
+from mri_assets.core.phantoms import write_dataset
+from mri_assets.core.store import ModelStore
+from mri_assets.definitions import defs
+from mri_assets_tests.defs.helpers import resources_for
+
+ALL = [*defs.assets, *defs.asset_checks]
+# An unchanged train set does not re-materialize train_images (so automation never retrains on
+# nothing new); a deliberate retrain selects the model assets themselves.
+RETRAIN = ["fine_tuned_model", "candidate_evaluation", "deployed_model"]
+FAST = {"epochs": 15, "image_size": 96, "batch_size": 16}
+# A candidate that cannot learn anything: one tiny step.
+USELESS = {"epochs": 1, "image_size": 96, "batch_size": 16, "learning_rate": 1e-9}
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_dataset(root, seed=3, n_glioma=120, n_meningioma=120, size=128, progress=False)
+    return root
+
+
+@pytest.fixture
+def landed(mri_env, small_dataset):
+    shutil.copytree(small_dataset, mri_env / "landing")
+    return mri_env
+
+
+def run(instance, training: dict, selection=None, raise_on_error=True, **settings):
+    return dg.materialize(
+        ALL,
+        resources=resources_for(**settings),
+        instance=instance,
+        selection=selection,
+        run_config=(
+            {"ops": {"fine_tuned_model": {"config": training}}}
+            if selection is None or "fine_tuned_model" in selection
+            else None
+        ),
+        raise_on_error=raise_on_error,
+    )
+
+
+def meta(result, key):
+    return {k: v.value for k, v in result.asset_materializations_for_node(key)[-1].metadata.items()}
+
+
+def check(result, name):
+    return next(e for e in result.get_asset_check_evaluations() if e.check_name == name)
+
+
+def test_chain_promotes_a_trained_model_and_refuses_a_worse_one(landed, fake_slack):
+    store = ModelStore(landed / "models")
+    with dg.instance_for_test() as instance:
+        first = run(instance, FAST)
+        baseline, candidate = meta(first, "baseline"), meta(first, "candidate_evaluation")
+        assert abs(baseline["roc_auc"] - 0.5) < 0.2, baseline
+        assert candidate["roc_auc"] > baseline["roc_auc"] + 0.25, candidate
+        assert candidate["log_loss"] > 0 and "data:image/png;base64" in candidate["plots"]
+        deployed = meta(first, "deployed_model")
+        assert deployed["decision"] == "promote"
+        assert store.deployed()["version"] == meta(first, "fine_tuned_model")["model_version"]
+        assert fake_slack.texts()[-1].startswith(":white_check_mark: Promoted")
+        good_version = deployed["deployed_version"]
+
+        worse = run(instance, USELESS, selection=RETRAIN, raise_on_error=False)
+        gate = check(worse, "candidate_beats_deployed_and_baseline")
+        assert not gate.passed and "does not beat" in gate.description
+        assert worse.asset_materializations_for_node("deployed_model") == []
+        assert store.deployed()["version"] == good_version
+        assert fake_slack.texts()[-1].startswith(":no_entry: Candidate")
+
+        # Materializing deployed_model by hand cannot sneak the refused candidate in.
+        forced = run(instance, USELESS, selection=["deployed_model"], raise_on_error=False)
+        assert not forced.success
+        assert store.deployed()["version"] == good_version
+
+    with duckdb.connect(str(landed / "mri.duckdb"), read_only=True) as conn:
+        rows = conn.execute("SELECT model_version, test_set_version FROM evaluations").fetchall()
+        assert len(rows) == len(set(rows)) == 3  # baseline, good and worse candidates: once each
+        assert conn.execute("SELECT version, action FROM deployments").fetchall() == [(good_version, "promote")]
+
+
+def test_crash_between_saving_and_promoting_keeps_the_previous_model(landed, monkeypatch):
+    store = ModelStore(landed / "models")
+    with dg.instance_for_test() as instance:
+        run(instance, FAST)
+        previous = store.deployed()
+
+        def crash(*args, **kwargs):
+            raise OSError("power cut while promoting")
+
+        monkeypatch.setattr(ModelStore, "promote", crash)
+        # A negative margin makes any candidate eligible, so the promotion is surely attempted.
+        result = run(instance, dict(FAST, seed=1), selection=RETRAIN, raise_on_error=False,
+                     promotion_margin=-1.0)
+        assert check(result, "candidate_beats_deployed_and_baseline").passed
+        new_version = meta(result, "fine_tuned_model")["model_version"]
+        assert store.has_version(new_version)  # the new model is stored...
+        assert store.deployed() == previous  # ...but the previous one is still deployed
+        assert len(store.deployment_history()) == 1
+
+
+def test_deployments_table_catches_up_after_a_crash_before_recording(landed, monkeypatch):
+    import mri_assets.defs.deployment as deployment
+
+    store = ModelStore(landed / "models")
+    real_sync = deployment.sync_deployments
+
+    def crash(*args, **kwargs):
+        raise OSError("killed after the pointer flipped")
+
+    with dg.instance_for_test() as instance:
+        monkeypatch.setattr(deployment, "sync_deployments", crash)
+        assert not run(instance, FAST, raise_on_error=False).success
+        assert store.deployed() is not None  # the pointer flip is the commit point
+        monkeypatch.setattr(deployment, "sync_deployments", real_sync)
+        again = run(instance, FAST, selection=["deployed_model"])
+        assert meta(again, "deployed_model")["deployments_recorded"] == 1
+    with duckdb.connect(str(landed / "mri.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM deployments").fetchall()[0][0] == 1
+
+
+def test_single_class_test_set_is_refused_with_a_clear_reason(mri_env, small_dataset):
+    shutil.copytree(small_dataset / "train", mri_env / "landing" / "train")
+    test = mri_env / "landing" / "test"
+    for path in (small_dataset / "test").rglob("*"):
+        if path.is_file() and "glioma" in str(path.relative_to(small_dataset)).lower():
+            target = test / path.relative_to(small_dataset / "test")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    with dg.instance_for_test() as instance:
+        result = run(instance, FAST, raise_on_error=False)
+    evaluation = meta(result, "candidate_evaluation")
+    assert evaluation["roc_auc"] is None and "only class 'glioma'" in evaluation["warning"]
+    gate = check(result, "candidate_beats_deployed_and_baseline")
+    assert not gate.passed and "undefined" in gate.description
