@@ -100,7 +100,9 @@ def _validated(
     truth = np.asarray(y_true, dtype=int).ravel()
     probs = np.asarray(p_positive, dtype=np.float64).ravel()
     if len(class_names) != 2 or positive_index not in (0, 1):
-        raise ValueError(f"need two classes and positive_index 0 or 1, got {class_names!r}, {positive_index}")
+        raise ValueError(
+            f"need two classes and positive_index 0 or 1, got {class_names!r}, {positive_index}"
+        )
     if truth.size == 0:
         raise ValueError("cannot evaluate an empty test set")
     if truth.shape != probs.shape:

@@ -88,15 +88,23 @@ def load_base_model(spec: str, classes: ClassSpec, base_root: str | Path) -> Bas
     """The base classifier named by ``spec`` (MRI_BASE_MODEL), with a fresh two-class head.
 
     ``spec`` is ``"embedded"`` (a small ResNet created once under ``base_root`` and read from
-    disk ever after), a local folder written by ``save_pretrained``, or a hub id. Only
-    safetensors weights are read; a folder holding only pickle weights raises UnsafeWeightsError.
+    disk ever after), a local folder written by ``save_pretrained``, or a hub id. Mean, std and
+    size come from the model's ``preprocessor_config.json`` (a local folder without one gets
+    ImageNet statistics at 224 px). Only safetensors weights are read; a folder holding only
+    pickle weights raises UnsafeWeightsError. A newly initialised head starts at zero.
     """
     spec = (spec or EMBEDDED).strip()
     if spec == EMBEDDED:
         folder = ensure_embedded_base(base_root)
-        return BaseModel(_from_pretrained(folder, classes), read_preprocessing(folder), spec, str(folder))
-    if Path(spec).is_dir():
-        refuse_pickle_only(Path(spec))
+        return BaseModel(
+            _from_pretrained(folder, classes), read_preprocessing(folder), spec, str(folder)
+        )
+    folder = Path(spec)
+    if folder.is_dir():
+        refuse_pickle_only(folder)
+        if not (folder / PREPROCESSOR_CONFIG).exists():
+            # save_pretrained of a bare model writes no processor: assume ImageNet at 224 px.
+            return BaseModel(_from_pretrained(folder, classes), Preprocessing(224), spec, spec)
     return BaseModel(_from_pretrained(spec, classes), _hub_preprocessing(spec), spec, spec)
 
 
@@ -167,7 +175,9 @@ def head_linear(model: PreTrainedModel) -> torch.nn.Linear:
     import torch
 
     head = getattr(model, "classifier", None)
-    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    linears = (
+        [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    )
     if len(linears) != 1:
         raise ValueError(
             f"{type(model).__name__} has no classifier head made of a single Linear layer; "
@@ -207,7 +217,10 @@ def _head_was_reinitialised(model: PreTrainedModel, loading: dict[str, Any]) -> 
         return False
     head = {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
     fresh = set(loading.get("missing_keys") or ())
-    fresh |= {item[0] if isinstance(item, tuple) else item for item in loading.get("mismatched_keys") or ()}
+    fresh |= {
+        item[0] if isinstance(item, tuple) else item
+        for item in loading.get("mismatched_keys") or ()
+    }
     return bool(head & fresh)
 
 

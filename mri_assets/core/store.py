@@ -202,7 +202,11 @@ class ModelStore:
         elif version == stack[-1]:
             raise ModelStoreError(f"{version} is already the deployed version")
         elif version not in {e["version"] for e in history}:
-            why = "was never deployed (promote it instead)" if self.has_version(version) else "is not a stored version"
+            why = (
+                "was never deployed (promote it instead)"
+                if self.has_version(version)
+                else "is not a stored version"
+            )
             raise ModelStoreError(f"cannot roll back to {version}: it {why}")
         self._complete_version(version)  # deployed once, but its folder must still be intact
         return version

@@ -36,7 +36,9 @@ def test_probabilities_match_a_plain_forward_pass(model, pixels) -> None:
 
     assert not model.training
     with torch.no_grad():
-        expected = torch.softmax(model(pixel_values=preprocess_pixels(pixels, PREPROCESSING)).logits, -1)
+        expected = torch.softmax(
+            model(pixel_values=preprocess_pixels(pixels, PREPROCESSING)).logits, -1
+        )
     assert probs.shape == (5, 2)
     np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)

@@ -83,19 +83,29 @@ def test_positive_class_first_keeps_class_name_order() -> None:
 
 
 def test_single_class_test_set_reports_no_auc_with_a_warning() -> None:
-    metrics = classification_metrics([1, 1, 1], [0.7, 0.4, 0.9], positive_index=1, class_names=CLASSES)
+    metrics = classification_metrics(
+        [1, 1, 1], [0.7, 0.4, 0.9], positive_index=1, class_names=CLASSES
+    )
 
     assert metrics["roc_auc"] is None
     assert "meningioma" in metrics["warning"] and "undefined" in metrics["warning"]
     assert metrics["accuracy"] == pytest.approx(2 / 3)
-    assert metrics["log_loss"] == pytest.approx(-(math.log(0.7) + math.log(0.4) + math.log(0.9)) / 3)
+    assert metrics["log_loss"] == pytest.approx(
+        -(math.log(0.7) + math.log(0.4) + math.log(0.9)) / 3
+    )
     assert metrics["n_per_class"] == {"glioma": 0, "meningioma": 3}
     assert metrics["base_rate_accuracy"] == 1.0
 
 
 @pytest.mark.parametrize(
     ("y_true", "probs"),
-    [([], []), ([0, 1], [0.5]), ([0, 2], [0.5, 0.5]), ([0, 1], [0.5, 1.5]), ([0, 1], [0.5, float("nan")])],
+    [
+        ([], []),
+        ([0, 1], [0.5]),
+        ([0, 2], [0.5, 0.5]),
+        ([0, 1], [0.5, 1.5]),
+        ([0, 1], [0.5, float("nan")]),
+    ],
 )
 def test_invalid_inputs_raise(y_true: list[int], probs: list[float]) -> None:
     with pytest.raises(ValueError):

@@ -31,7 +31,11 @@ CLASSES = ClassSpec()
 
 def tiny_resnet(num_labels: int) -> ResNetForImageClassification:
     config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=num_labels
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=num_labels,
     )
     torch.manual_seed(1)
     return ResNetForImageClassification(config)
@@ -103,6 +107,15 @@ def test_local_folder_keeps_its_backbone_and_gets_a_fresh_two_class_head(tmp_pat
     assert torch.count_nonzero(base.model.classifier[1].weight) == 0  # replaced head starts at zero
     assert base.preprocessing == Preprocessing(48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert base.source == str(folder)
+
+
+def test_local_folder_without_processor_config_gets_imagenet_defaults(tmp_path: Path) -> None:
+    folder = tmp_path / "bare"
+    tiny_resnet(num_labels=2).save_pretrained(folder)
+
+    base = load_base_model(str(folder), CLASSES, tmp_path / "base")
+
+    assert base.preprocessing == Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_local_two_class_folder_keeps_its_trained_head(tmp_path: Path) -> None:
@@ -184,7 +197,9 @@ def test_preprocess_pixels_matches_antialiased_bilinear_resize() -> None:
     batch = preprocess_pixels(pixels, preprocessing)
 
     raw = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
-    resized = F.interpolate(raw, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(
+        raw, size=(24, 24), mode="bilinear", antialias=True, align_corners=False
+    )
     assert torch.allclose(batch, resized / 255.0, atol=1e-5)
 
 
