@@ -11,6 +11,7 @@ Two strategies:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import time
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 STRATEGIES = ("full", "linear_probe")
+WARMUP_SHARE = 0.2  # of all steps, spent raising the learning rate (one-cycle schedule)
 # A head on fixed features tolerates (and needs) a much larger step than a whole network.
 DEFAULT_LEARNING_RATE = {"full": 3e-3, "linear_probe": 1e-2}
 PixelsLookup = Callable[[list[str]], list[np.ndarray]]
@@ -458,8 +460,11 @@ class _TrainingLoop:
             weight_decay=config.weight_decay,
         )
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
+            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+            pct_start=WARMUP_SHARE,
         )
+        # Validation loss swings wildly while the learning rate climbs; patience starts after.
+        warmup_epochs = math.ceil(WARMUP_SHARE * config.epochs)
         train_x, train_y = inputs[torch.from_numpy(train_idx)], targets[torch.from_numpy(train_idx)]
         val_x, val_y = inputs[torch.from_numpy(val_idx)], targets[torch.from_numpy(val_idx)]
         history: list[EpochMetrics] = []
@@ -477,7 +482,7 @@ class _TrainingLoop:
                 best_loss = val_loss if val_loss is not None else best_loss
                 best_epoch, stale = epoch, 0
                 best_state = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
-            else:
+            elif epoch > warmup_epochs:
                 stale += 1
                 if stale >= config.early_stopping_patience:
                     log(f"early stop: no validation-loss improvement for {stale} epochs")
