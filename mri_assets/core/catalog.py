@@ -336,35 +336,30 @@ def table_version(conn, table: str) -> str:
 
 DEPLOYMENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
+    seq INTEGER PRIMARY KEY,            -- position in the store's append-only history
     version VARCHAR NOT NULL,
-    action VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,            -- promote | rollback
     roc_auc DOUBLE,
     test_set_version VARCHAR,
     deployed_at VARCHAR NOT NULL,
-    reason VARCHAR,
-    PRIMARY KEY (version, deployed_at)
+    reason VARCHAR
 );
 """
 
 
-def sync_deployments(conn, history) -> int:
+def sync_deployments(conn, history: list[dict]) -> int:
     """Mirror the store's deployment history into DuckDB; returns the rows added.
 
-    The store is the source of truth (its pointer flips atomically), so a crash between the two
-    writes is repaired here on the next run.
+    The store is the source of truth (its pointer flips atomically) and its history only grows,
+    so a crash between the two writes is repaired here on the next run.
     """
     conn.execute(DEPLOYMENTS_SCHEMA)
-    added = 0
-    for entry in history:
-        exists = conn.execute(
-            "SELECT count(*) FROM deployments WHERE version = ? AND deployed_at = ?",
-            [entry["version"], entry["deployed_at"]],
-        ).fetchall()[0][0]
-        if not exists:
-            conn.execute(
-                "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
-                [entry["version"], entry["action"], entry["auc"], entry["test_set_version"],
-                 entry["deployed_at"], entry["reason"]],
-            )
-            added += 1
-    return added
+    recorded = conn.execute("SELECT count(*) FROM deployments").fetchall()[0][0]
+    missing = [
+        [seq, e["version"], e["action"], e["auc"], e["test_set_version"], e["deployed_at"], e["reason"]]
+        for seq, e in enumerate(history)
+        if seq >= recorded
+    ]
+    if missing:
+        conn.executemany("INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?)", missing)
+    return len(missing)

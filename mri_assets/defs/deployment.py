@@ -6,7 +6,7 @@ import dagster as dg
 
 from mri_assets.core import catalog
 from mri_assets.core.catalog import sync_deployments
-from mri_assets.core.evaluation import Evaluation
+from mri_assets.core.evaluation import Evaluation, evaluation_plots_markdown
 from mri_assets.core.notify import Contender, promotion_message, refusal_message
 from mri_assets.core.promotion import Decision, decide_promotion
 from mri_assets.defs.models import (
@@ -192,6 +192,9 @@ def deployed_model(
             "deployed_version": current["version"],
             "deployed_roc_auc": standing.candidate.roc_auc,
             "deployments_recorded": added,
+            "plots": dg.MetadataValue.md(
+                evaluation_plots_markdown(standing.candidate, settings.resolve().classes, "deployed")
+            ),
             "history": dg.MetadataValue.md(history_markdown(history)),
         },
         data_version=dg.DataVersion(current["version"]),

@@ -1,0 +1,88 @@
+"""The `mri-assets` command, run as a user would (in-process through main())."""
+
+import json
+
+import boto3
+import pytest
+
+from mri_assets.cli import main
+from mri_assets.core.labels import ClassSpec
+from mri_assets.core.landing import S3Landing
+from mri_assets.core.model import load_base_model
+from mri_assets.core.store import ModelStore
+
+
+@pytest.fixture
+def store_with_two_versions(mri_env):
+    """Two stored, deployed versions of the embedded model (untrained: the CLI only serves them)."""
+    store = ModelStore(mri_env / "models")
+    base = load_base_model("embedded", ClassSpec(), store.base_root)
+    first = store.save_version(base.model, base.preprocessing, {"train_set_version": "t1"})
+    second = store.save_version(base.model, base.preprocessing, {"train_set_version": "t2"})
+    store.promote(first, 0.9, "s1", "first")
+    store.promote(second, 0.95, "s1", "better")
+    return store, first, second
+
+
+def test_make_dataset_is_deterministic(tmp_path, capsys):
+    for name in ("a", "b"):
+        assert main(["make-dataset", str(tmp_path / name), "--glioma", "3", "--meningioma", "2",
+                     "--size", "64", "--quiet"]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 5
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert '"train": {"glioma": 3, "meningioma": 2}' in capsys.readouterr().out
+
+
+def test_upload_to_s3_and_seed_landing_leaves_existing_scans_alone(tmp_path, s3_bucket, capsys):
+    main(["make-dataset", str(tmp_path / "ds"), "--glioma", "2", "--meningioma", "2", "--size", "32", "--quiet"])
+    location = f"s3://{s3_bucket}/landing"
+    assert main(["upload", str(tmp_path / "ds"), "--landing", location, "--quiet"]) == 0
+    landing = S3Landing(boto3.client("s3"), location)
+    assert len(list(landing.list_objects("train"))) == 4
+    assert main(["seed-landing", "--landing", location, "--quiet"]) == 0
+    assert "already holds scans" in capsys.readouterr().out
+    assert len(list(landing.list_objects("train"))) == 4
+
+
+def test_upload_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["upload", str(tmp_path / "nope"), "--landing", str(tmp_path / "l")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_predict_says_clearly_when_nothing_is_deployed(mri_env, capsys):
+    assert main(["predict", "x.png"]) == 2
+    assert "no model is deployed" in capsys.readouterr().err
+
+
+def test_predict_json_lines_in_input_order(store_with_two_versions, tmp_path, capsys):
+    main(["make-dataset", str(tmp_path / "ds"), "--glioma", "1", "--meningioma", "1", "--size", "64", "--quiet"])
+    images = sorted(str(p) for p in (tmp_path / "ds").rglob("*") if p.is_file())
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    capsys.readouterr()
+    assert main(["predict", "--json", images[0], str(bad), images[1]]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == [images[0], str(bad), images[1]]
+    assert lines[1]["error"] == "not_an_image"
+    for line in (lines[0], lines[2]):
+        assert set(line["scores"]) == {"glioma", "meningioma"}
+        assert sum(line["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert line["label"] == max(line["scores"], key=line["scores"].get)
+
+
+def test_status_and_rollback(store_with_two_versions, mri_env, capsys):
+    store, first, second = store_with_two_versions
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"deployed: {second}" in out and "0.9500" in out and first in out
+    assert main(["rollback"]) == 0
+    assert store.deployed()["version"] == first
+    assert "recorded 3 deployment row(s)" in capsys.readouterr().out
+    assert main(["rollback"]) == 2  # nothing earlier than the first version
+    assert "error:" in capsys.readouterr().err
+    import duckdb
+
+    with duckdb.connect(str(mri_env / "mri.duckdb"), read_only=True) as conn:
+        actions = conn.execute("SELECT action FROM deployments ORDER BY seq").fetchall()
+    assert [a for (a,) in actions] == ["promote", "promote", "rollback"]
