@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-export MRI_HOME ?= $(CURDIR)/.mri
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+MRI_HOME ?= $(CURDIR)/.mri
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
@@ -23,8 +23,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/mri-assets seed-landing
-	$(BIN)/dagster dev -h $(HOST) -p $(PORT) -w workspace.yaml
+	MRI_HOME=$(MRI_HOME) $(BIN)/mri-assets seed-landing
+	DAGSTER_HOME=$(DAGSTER_HOME) MRI_HOME=$(MRI_HOME) \
+		$(BIN)/dagster dev -h $(HOST) -p $(PORT) -w workspace.yaml
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup

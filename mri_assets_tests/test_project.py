@@ -1,5 +1,6 @@
 """The project's promises about itself: the README stays true, definitions load and validate."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,10 @@ def test_definitions_load_without_importing_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_dagster_definitions_validate():
+def test_dagster_definitions_validate(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT, capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
