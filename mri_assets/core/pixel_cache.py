@@ -10,6 +10,19 @@ from pathlib import Path
 import numpy as np
 
 
+def save_npy_atomically(target: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy through a temp file and os.replace: never half-written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class PixelCache:
     """``root/ab/abcdef....npy`` holds the (H, W, 3) uint8 RGB pixels of one sha256."""
 
@@ -25,17 +38,8 @@ class PixelCache:
     def put(self, sha256: str, pixels: np.ndarray) -> None:
         """Write atomically: a reader never sees a half-written array."""
         target = self.path(sha256)
-        if target.exists():
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(pixels, dtype=np.uint8))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not target.exists():
+            save_npy_atomically(target, np.ascontiguousarray(pixels, dtype=np.uint8))
 
     def get(self, sha256: str) -> np.ndarray:
         path = self.path(sha256)

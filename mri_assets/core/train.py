@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ from mri_assets.core.model import (
     preprocess_pixels,
     weights_fingerprint,
 )
+from mri_assets.core.pixel_cache import save_npy_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -156,16 +155,7 @@ class EmbeddingCache:
 
     def put(self, key: str, sha256: str, embedding: np.ndarray) -> None:
         """Atomic write (temp file + os.replace): a reader never sees half an embedding."""
-        target = self.path(key, sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, np.asarray(embedding, dtype=np.float32))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npy_atomically(self.path(key, sha256), np.asarray(embedding, dtype=np.float32))
 
 
 def fine_tune(
