@@ -125,7 +125,10 @@ class IngestBatch:
 
 
 def is_in_progress(obj: LandedObject) -> bool:
-    return obj.key.rsplit("/", 1)[-1].lower().endswith(IN_PROGRESS_SUFFIXES)
+    """True for a file a copy tool is still writing (``*.part``, ``*.tmp``, ...)."""
+    # The suffix of the key is the suffix of its file name: no need to split off the folders
+    # (the sensor calls this for every object of every listing).
+    return obj.key.lower().endswith(IN_PROGRESS_SUFFIXES)
 
 
 def new_or_changed(objects: Iterable[LandedObject], ledger: dict[str, str]) -> list[LandedObject]:

@@ -47,10 +47,16 @@ class Landing(Protocol):
 
 def listing_digest(objects: list[LandedObject]) -> str:
     """A digest of a listing: equal digests mean nothing was added, rewritten or removed."""
-    digest = hashlib.sha256()
-    for obj in sorted(objects, key=lambda o: o.key):
-        digest.update(f"{obj.key}\0{obj.fingerprint}\n".encode())
-    return digest.hexdigest()
+    # One hash over one joined string: the same bytes (so the same digest, and stored sensor
+    # cursors stay valid) as one update per object, at a fraction of the cost per object.
+    lines = "".join(
+        f"{obj.key}\0{obj.fingerprint}\n" for obj in sorted(objects, key=_key_of)
+    )
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _key_of(obj: LandedObject) -> str:
+    return obj.key
 
 
 class LocalLanding:
@@ -61,18 +67,24 @@ class LocalLanding:
         self.location = str(self.root)
 
     def list_objects(self, split: str) -> Iterator[LandedObject]:
-        base = self.root / split
-        if not base.is_dir():
+        """Every file under ``root/split`` (any depth), with size and a change fingerprint."""
+        # Plain strings, not Path objects: building and relativising a Path per file cost more
+        # than the stat itself (a 100,000-file listing ran 2.3x slower; see benchmarks/).
+        root = os.path.join(os.fspath(self.root), "")
+        base = root + split
+        if not os.path.isdir(base):
             return
         stack = [base]
         while stack:
             with os.scandir(stack.pop()) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append(Path(entry.path))
+                        stack.append(entry.path)
                     elif entry.is_file():
                         stat = entry.stat()
-                        key = Path(entry.path).relative_to(self.root).as_posix()
+                        key = entry.path[len(root) :]
+                        if os.sep != "/":
+                            key = key.replace(os.sep, "/")
                         # ctime changes on every write or rename, even when a copy keeps mtime.
                         fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
                         yield LandedObject(key, stat.st_size, fingerprint)

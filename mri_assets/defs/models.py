@@ -25,6 +25,42 @@ from mri_assets.resources import (
 TRAIN_IMAGES = dg.AssetKey("train_images")
 TEST_IMAGES = dg.AssetKey("test_images")
 
+AC = dg.AutomationCondition
+
+# eager() treats an asset already missing on the automation sensor's first tick as "handled" (the
+# initial evaluation resets it), so base_model, which has no parents to update, would never be
+# built. Request it while it is missing; never again after a failed run (no retry loop).
+WHEN_MISSING = (AC.missing() & ~AC.in_progress() & ~AC.execution_failed()).with_label(
+    "missing, not in progress, not failed"
+)
+
+
+def eager_after_frozen_sets() -> dg.AutomationCondition:
+    """eager(), except that train_images and test_images count only once their run has ended.
+
+    Those two yield nothing when their content did not change. eager() would request their children
+    in the same run ("will be requested" counts as an update); there a child is skipped when its
+    parent yields nothing, and on the next tick the parent's real update is ignored because that run
+    had planned the child. So the model assets wait while either set is requested or being rebuilt,
+    then count a real materialization as an update. Waiting for both sets also keeps a tick that
+    falls between the two materializations from splitting the models into several runs (and from
+    evaluating the old candidate on the new test set just before the new candidate exists).
+    """
+    frozen = dg.AssetSelection.assets(TRAIN_IMAGES, TEST_IMAGES)
+    updated = (AC.newly_updated() & ~AC.executed_with_root_target()).with_label(
+        "newly_updated_without_root"
+    )
+    any_deps_updated = (
+        AC.any_deps_match(updated | AC.will_be_requested()).ignore(frozen)
+        | AC.any_deps_match(updated).allow(frozen)
+    ).with_label("any_deps_updated")
+    busy = AC.in_progress() | AC.will_be_requested()
+    rebuilding = AC.asset_matches(TRAIN_IMAGES, busy) | AC.asset_matches(TEST_IMAGES, busy)
+    return (
+        AC.eager().replace("any_deps_updated", any_deps_updated)
+        & ~rebuilding.with_label("train_images or test_images requested or in progress")
+    ).with_label("eager after train_images and test_images")
+
 
 class FineTuneConfig(dg.Config):
     """How the candidate is trained; the defaults are calibrated for the embedded model."""
@@ -104,7 +140,7 @@ def evaluation_metadata(evaluation: Evaluation, settings: MriSettingsResource, t
 @dg.asset(
     group_name="models",
     kinds={"pytorch", "huggingface"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=WHEN_MISSING,
     description=(
         "The base classifier named by MRI_BASE_MODEL: the embedded small ResNet (created once, "
         "then read from the model store), a hub id, or a save_pretrained folder. Safetensors only."
@@ -130,7 +166,7 @@ def base_model(settings: MriSettingsResource, model_store: ModelStoreResource) -
     deps=[base_model, TEST_IMAGES],
     group_name="models",
     kinds={"pytorch", "duckdb"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=eager_after_frozen_sets(),
     description=(
         "The base model evaluated on the current test set before any fine-tuning: the bar every "
         "candidate must clear. One row in DuckDB `evaluations` per test-set version."
@@ -158,7 +194,7 @@ def baseline(
     deps=[base_model, TRAIN_IMAGES],
     group_name="models",
     kinds={"pytorch", "huggingface"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=eager_after_frozen_sets(),
     description=(
         "A candidate classifier fine-tuned on the current train set (strategy `full` or "
         "`linear_probe`), saved as a new immutable version in the model store: safetensors "
@@ -242,7 +278,7 @@ def candidate_version(instance: dg.DagsterInstance) -> str:
     deps=[fine_tuned_model, baseline, TEST_IMAGES],
     group_name="models",
     kinds={"pytorch", "duckdb"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=eager_after_frozen_sets(),
     description=(
         "The latest candidate and the currently deployed model, evaluated on the same, current "
         "test-set version (ROC AUC from probabilities, accuracy, precision, recall, F1, log loss). "

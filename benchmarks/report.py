@@ -1,0 +1,99 @@
+"""The markdown report: targets first, then every figure, then what each benchmark measured."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def value(number: float | None, unit: str) -> str:
+    """A figure with its unit, to three significant digits."""
+    if number is None or (isinstance(number, float) and math.isnan(number)):
+        return "-"
+    if unit == "img/s":
+        return f"{number:,.0f} img/s"
+    if unit == "s" and number < 1:
+        return f"{number * 1000:.0f} ms"
+    return f"{number:.3g} {unit}"
+
+
+def ratio(figure: dict[str, Any]) -> str:
+    number = figure.get("ratio")
+    if number is None:
+        return "-"
+    meaning = figure["ratio_meaning"]
+    text = f"{number:.1%}" if number < 0.2 else f"{number:.3g}"
+    return f"**{text}** ({meaning})"
+
+
+def verdict(figure: dict[str, Any]) -> str:
+    return {True: "met", False: "**not met**"}.get(figure.get("met"), "-")
+
+
+def peaks(figure: dict[str, Any]) -> str:
+    rss = figure.get("peak_rss_mb") or {}
+    return " / ".join(f"{k} {v:,.0f}" for k, v in rss.items()) or "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Render the whole report."""
+    lines = _header(report)
+    lines += ["## Targets", "", "| target | figure | ours | reference | ratio | met |",
+              "|---|---|---|---|---|---|"]
+    for _, figure in _figures(report):
+        if figure.get("target"):
+            lines.append(
+                f"| {figure['target']} | {figure['label']} | {value(figure['ours'], figure['unit'])} "
+                f"| {value(figure['reference'], figure['unit'])} | {ratio(figure)} | {verdict(figure)} |"
+            )
+    for bench in report["benchmarks"]:
+        if bench.get("error") or bench.get("skipped"):
+            lines.append(f"| - | {bench['title']} | {bench.get('error') or bench['skipped']} | | | |")
+    lines += ["", "## All figures", "",
+              "| figure | ours | reference | ratio | peak RSS (MiB) | note |", "|---|---|---|---|---|---|"]
+    for _, figure in _figures(report):
+        lines.append(
+            f"| {figure['label']} | {value(figure['ours'], figure['unit'])} | "
+            f"{value(figure['reference'], figure['unit'])} | {ratio(figure)} | {peaks(figure)} | "
+            f"{figure.get('note', '')} |"
+        )
+    lines += ["", "## What was measured", ""]
+    for bench in report["benchmarks"]:
+        lines += _section(bench)
+    return "\n".join(lines) + "\n"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    return [
+        f"# Benchmark report ({report['mode']} mode)", "",
+        f"`{report['command']}`, {report['started']}, {report.get('total_seconds', 0) / 60:.1f} min. "
+        f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}, torch "
+        f"{m['torch']} ({m['torch_threads']} threads), load average {m['load_average_at_start']:.1f} "
+        "at start.", "",
+        "Every figure is a ratio against a reference measured in the same process (or the same "
+        "run), because absolute times on this shared machine swing by up to 2-3x from one run "
+        "to the next. `other load` says how many cores other processes took meanwhile.", "",
+    ]
+
+
+def _figures(report: dict[str, Any]):
+    for bench in report["benchmarks"]:
+        for figure in bench.get("figures", []):
+            yield bench, figure
+
+
+def _section(bench: dict[str, Any]) -> list[str]:
+    facts = f"{bench.get('wall_seconds', bench.get('seconds', 0)):.0f} s"
+    if bench.get("peak_rss_mb") and not bench.get("skipped"):
+        facts += f", peak RSS of the benchmark process {bench['peak_rss_mb']:,.0f} MiB"
+    if "other_load_cores" in bench:
+        facts += f", other load {bench['other_load_cores']:.2f} cores"
+    lines = [f"### {bench['title']} ({facts})", ""]
+    if bench.get("error") or bench.get("skipped"):
+        lines.append(f"- {bench.get('error') or bench['skipped']}")
+    lines += [f"- {note}" for note in bench.get("notes", [])]
+    for figure in bench.get("figures", []):
+        if figure.get("met") is False and figure.get("reason"):
+            lines.append(f"- **Not met: {figure['label']}.** {figure['reason']}")
+    return [*lines, ""]

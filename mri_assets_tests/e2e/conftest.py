@@ -1,0 +1,373 @@
+"""One real `dagster dev` per test worker, shared by the e2e and browser tests.
+
+`dagster_dev` starts the server (own process group, temporary MRI_HOME and DAGSTER_HOME) and stops
+it by signalling that group. `deployment` lands a small generated data set and waits, bounded,
+until the automation has carried it to `deployed_model`; both test files use it, so the pipeline
+runs once per worker. Both files carry the same xdist_group mark so `--dist loadgroup` puts them on
+one worker.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mri_assets_tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+BIN = Path(sys.executable).parent
+XDIST_GROUP = "dagster_dev"
+
+SERVER_START_TIMEOUT = 120
+DEPLOY_TIMEOUT = 8 * 60
+POLL_SECONDS = 2.0
+
+
+def executable(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed next to {sys.executable} nor on PATH")
+    return found
+
+
+MATERIALIZATIONS = """
+query Materializations($path: [String!]!, $limit: Int!) {
+  assetOrError(assetKey: {path: $path}) {
+    __typename
+    ... on Asset {
+      assetMaterializations(limit: $limit) {
+        runId
+        timestamp
+        metadataEntries {
+          label
+          ... on TextMetadataEntry { text }
+          ... on FloatMetadataEntry { floatValue }
+          ... on IntMetadataEntry { intValue }
+          ... on BoolMetadataEntry { boolValue }
+          ... on MarkdownMetadataEntry { mdStr }
+        }
+      }
+    }
+  }
+}
+"""
+
+RUNS = """
+query Runs($limit: Int!) {
+  runsOrError(limit: $limit) {
+    __typename
+    ... on Runs {
+      results {
+        runId
+        status
+        creationTime
+        startTime
+        endTime
+        tags { key value }
+        assetSelection { path }
+        stepStats { stepKey status startTime endTime }
+      }
+    }
+  }
+}
+"""
+
+
+@dataclass(frozen=True)
+class Materialization:
+    run_id: str
+    timestamp: float  # seconds since the epoch
+    metadata: dict
+
+    @classmethod
+    def parse(cls, raw: dict) -> "Materialization":
+        metadata = {}
+        for entry in raw["metadataEntries"]:
+            values = [v for k, v in entry.items() if k != "label"]
+            metadata[entry["label"]] = values[0] if values else None
+        return cls(raw["runId"], float(raw["timestamp"]) / 1000, metadata)
+
+
+class DagsterDev:
+    """`dagster dev -w workspace.yaml` on a free loopback port, in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.mri_home = root / "mri_home"
+        self.landing = self.mri_home / "landing"
+        self.dagster_home = root / "dagster_home"
+        self.log_path = root / "dagster-dev.log"
+        self.process: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MRI_", "DAGSTER_", "AWS_", "SLACK_", "PYTEST_"))
+        }
+        env.update(
+            MRI_HOME=str(self.mri_home),
+            DAGSTER_HOME=str(self.dagster_home),
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def start(self) -> None:
+        self.dagster_home.mkdir(parents=True)
+        self.mri_home.mkdir(parents=True)
+        shutil.copy(REPO / "dagster.yaml", self.dagster_home / "dagster.yaml")
+        log = self.log_path.open("wb")
+        # setsid makes the server the leader of a new process group (it is not one already, so
+        # setsid does not fork): the run and code-server processes it starts join that group, and
+        # stop() signals all of them. env restores default SIGINT/SIGTERM handling, which a test
+        # runner's worker may have set to ignore, so dagster can shut down gracefully.
+        self.process = subprocess.Popen(
+            [
+                "setsid", "env", "--default-signal=INT,TERM", executable("dagster"), "dev",
+                "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port),
+            ],
+            cwd=REPO,
+            env=self.environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.started_at = time.time()
+
+    def stop(self, grace: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = self.process.pid
+        try:
+            os.killpg(pgid, signal.SIGINT)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=grace)
+        # Whatever is left of the group (a run still stopping, the code server) goes now.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+        if payload.get("errors"):
+            raise AssertionError(f"GraphQL errors: {payload['errors']}")
+        return payload["data"]
+
+    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> float:
+        """Seconds until the GraphQL endpoint answers and the code location has loaded."""
+        query = '{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }'
+
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"dagster dev exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                data = self.graphql(query, timeout=5)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                return False
+            repos = data["repositoriesOrError"]
+            return repos["__typename"] == "RepositoryConnection" and bool(repos["nodes"])
+
+        self.wait_for(ready, timeout, "the GraphQL endpoint and the code location", interval=1)
+        return time.time() - self.started_at
+
+    def wait_for(
+        self, condition: Callable[[], object], timeout: float, what: str, interval: float = POLL_SECONDS
+    ):
+        """Poll `condition` (sleeping between calls) until it returns something truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout:.0f}s waiting for {what}\n"
+                    f"--- runs ---\n{self.runs_summary()}\n"
+                    f"--- tail of the dagster dev log ---\n{self.log_tail()}"
+                )
+            time.sleep(interval)
+
+    def materializations(self, asset: str, limit: int = 20) -> list[Materialization]:
+        """Newest first."""
+        data = self.graphql(MATERIALIZATIONS, {"path": [asset], "limit": limit})
+        node = data["assetOrError"]
+        if node["__typename"] != "Asset":
+            return []
+        return [Materialization.parse(m) for m in node["assetMaterializations"]]
+
+    def latest(self, asset: str) -> Materialization | None:
+        found = self.materializations(asset, limit=1)
+        return found[0] if found else None
+
+    def runs(self, limit: int = 100) -> list[dict]:
+        """Newest first."""
+        data = self.graphql(RUNS, {"limit": limit})
+        return data["runsOrError"].get("results", [])
+
+    def runs_summary(self) -> str:
+        try:
+            runs = self.runs()
+        except Exception as error:  # noqa: BLE001 - a summary for a failure message
+            return f"(runs unavailable: {error})"
+        lines = []
+        for run in reversed(runs):
+            assets = ",".join("/".join(a["path"]) for a in run["assetSelection"] or [])
+            lines.append(f"{run['runId'][:8]} {run['status']:<9} {assets}")
+        return "\n".join(lines) or "(no runs)"
+
+    def land(self, source: Path, under: str = "") -> float:
+        """Copy a generated tree into the landing zone with `mri-assets upload`; returns when done."""
+        target = self.landing / under if under else self.landing
+        subprocess.run(
+            [executable("mri-assets"), "upload", str(source), "--landing", str(target), "--quiet"],
+            check=True,
+            env=self.environment(),
+            capture_output=True,
+        )
+        return time.time()
+
+
+def make_dataset(out: Path, glioma: int, meningioma: int, size: int, seed: int) -> Path:
+    subprocess.run(
+        [
+            executable("mri-assets"), "make-dataset", str(out), "--glioma", str(glioma),
+            "--meningioma", str(meningioma), "--size", str(size), "--seed", str(seed), "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def dagster_dev(tmp_path_factory):
+    server = DagsterDev(tmp_path_factory.mktemp("dagster_dev"))
+    server.start()
+    try:
+        server.startup_seconds = server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        ARTIFACTS.mkdir(exist_ok=True)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        shutil.copy(server.log_path, ARTIFACTS / f"dagster-dev-{worker}.log")
+
+
+@dataclass
+class Deployment:
+    """The first landing, carried to deployed_model by the running server."""
+
+    landed_at: float
+    deployed: Materialization
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def format_runs(runs: list[dict], since: float) -> str:
+    lines = ["created  started  ended   run       assets (seconds after landing)"]
+    for run in sorted(runs, key=lambda r: r["creationTime"]):
+        if run["creationTime"] < since - 1:
+            continue
+        assets = ",".join("/".join(a["path"]) for a in run["assetSelection"] or [])
+        sensor = next((t["value"] for t in run["tags"] if t["key"] == "dagster/sensor_name"), "")
+        assets = f"{assets} [{sensor}]" if sensor else assets
+
+        def rel(t):
+            return f"{t - since:7.1f}" if t else "      -"
+
+        lines.append(
+            f"{rel(run['creationTime'])} {rel(run['startTime'])} {rel(run['endTime'])}  "
+            f"{run['runId'][:8]}  {run['status']:<8} {assets}"
+        )
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def deployment(dagster_dev, tmp_path_factory) -> Deployment:
+    data = make_dataset(tmp_path_factory.mktemp("dataset") / "first", 24, 24, 128, seed=0)
+    landed_at = dagster_dev.land(data)
+
+    def deployed():
+        latest = dagster_dev.latest("deployed_model")
+        return latest if latest and latest.timestamp > landed_at else None
+
+    materialization = dagster_dev.wait_for(
+        deployed, DEPLOY_TIMEOUT, "deployed_model to be materialized after the first landing"
+    )
+    timings = {
+        "server startup (to GraphQL + code location)": dagster_dev.startup_seconds,
+        "landing -> deployed_model materialized": materialization.timestamp - landed_at,
+    }
+    report = "\n".join(f"{k}: {v:.1f}s" for k, v in timings.items())
+    report += "\n" + format_runs(dagster_dev.runs(), landed_at)
+    print(report)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "e2e-timings.txt").write_text(report + "\n")
+    return Deployment(landed_at, materialization, timings)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used the server gets the tail of its log in the report."""
+    outcome = yield
+    report = outcome.get_result()
+    server = item.funcargs.get("dagster_dev") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(server, DagsterDev):
+        report.sections.append(("dagster dev log (tail)", server.log_tail(150)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make `--dist loadgroup` group again under pytest 9.2 (pytest-xdist issue #1386).
+
+    xdist tells its scheduler an item's group by appending "@<group>" to the node id, which it sets
+    through `item._nodeid`; pytest 9.2 derives `nodeid` from a structured `item._id`, so the suffix
+    is lost and the tests of a group are spread over the workers (each of which would then start
+    its own `dagster dev`). Where the suffix is missing, set it on the structured id. Nothing
+    happens outside loadgroup workers, nor once xdist sets the suffix itself.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+             for m in item.iter_markers("xdist_group")}
+        )
+        if groups and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
