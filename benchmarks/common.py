@@ -357,13 +357,30 @@ def quiet(_: str) -> None:
     """A ``log`` callback that drops training chatter."""
 
 
+# One torch thread for both sides of every comparison: on this shared 2-core machine, two
+# OpenMP threads wait on each other whenever another process takes a core (measured at load 6:
+# a forward pass 2.5x slower and twice as variable as with one thread).
+DEFAULT_THREADS = 1
+
+
+def set_torch_threads(count: int) -> None:
+    """Set before torch is imported (OMP_NUM_THREADS), so every torch op in this process obeys."""
+    if count > 0:
+        os.environ["OMP_NUM_THREADS"] = str(count)
+        os.environ["MKL_NUM_THREADS"] = str(count)
+
+
 def main(run: Callable[[bool, Path], Result], argv: list[str] | None = None) -> int:
     """Command line of one benchmark module: ``python -m benchmarks.X [--quick] [--json F]``."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--scratch", type=Path, default=RESULTS / "tmp", help="work folder")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"torch threads for both sides of every comparison "
+                        f"(default {DEFAULT_THREADS}; 0: torch's default, one per core)")
     args = parser.parse_args(argv)
+    set_torch_threads(args.threads)
     args.scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = run(args.quick, args.scratch.resolve())

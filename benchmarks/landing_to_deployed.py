@@ -106,8 +106,9 @@ def start_dagster(work: Path, port: int) -> subprocess.Popen:
     """``dagster dev`` in its own session (so its whole process tree can be signalled)."""
     dagster_home = fresh_dir(work / "dagster_home")
     shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    # The pipeline as shipped: none of this process's settings, nor its torch thread limit.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MRI_", "SLACK_", "AWS_ENDPOINT"))}
+           if not k.startswith(("MRI_", "SLACK_", "AWS_ENDPOINT", "OMP_", "MKL_"))}
     env.update(MRI_HOME=str(work / "mri_home"), DAGSTER_HOME=str(dagster_home))
     command = ["setsid", "env", "--default-signal=INT,TERM", ".venv/bin/dagster", "dev",
                "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]

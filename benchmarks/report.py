@@ -26,8 +26,13 @@ def ratio(figure: dict[str, Any]) -> str:
     return f"**{text}** ({meaning})"
 
 
-def verdict(figure: dict[str, Any]) -> str:
-    return {True: "met", False: "**not met**"}.get(figure.get("met"), "-")
+BUSY_CORES = 0.5  # other processes' load above which a benchmark's figures are flagged
+
+
+def verdict(figure: dict[str, Any], bench: dict[str, Any]) -> str:
+    text = {True: "met", False: "**not met**"}.get(figure.get("met"), "-")
+    load = bench.get("other_load_cores", 0.0)
+    return text + (f" (busy machine: other load {load:.1f} cores)" if load > BUSY_CORES else "")
 
 
 def peaks(figure: dict[str, Any]) -> str:
@@ -40,11 +45,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = _header(report)
     lines += ["## Targets", "", "| target | figure | ours | reference | ratio | met |",
               "|---|---|---|---|---|---|"]
-    for _, figure in _figures(report):
+    for bench, figure in _figures(report):
         if figure.get("target"):
             lines.append(
                 f"| {figure['target']} | {figure['label']} | {value(figure['ours'], figure['unit'])} "
-                f"| {value(figure['reference'], figure['unit'])} | {ratio(figure)} | {verdict(figure)} |"
+                f"| {value(figure['reference'], figure['unit'])} | {ratio(figure)} "
+                f"| {verdict(figure, bench)} |"
             )
     for bench in report["benchmarks"]:
         if bench.get("error") or bench.get("skipped"):
@@ -69,11 +75,13 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"# Benchmark report ({report['mode']} mode)", "",
         f"`{report['command']}`, {report['started']}, {report.get('total_seconds', 0) / 60:.1f} min. "
         f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}, torch "
-        f"{m['torch']} ({m['torch_threads']} threads), load average {m['load_average_at_start']:.1f} "
-        "at start.", "",
+        f"{m['torch']}, load average {m['load_average_at_start']:.1f} at start. Torch ran with "
+        f"{m['torch_threads']} thread(s) on both sides of every comparison (`--threads`): with two, "
+        "OpenMP threads wait on each other whenever another process takes a core.", "",
         "Every figure is a ratio against a reference measured in the same process (or the same "
         "run), because absolute times on this shared machine swing by up to 2-3x from one run "
-        "to the next. `other load` says how many cores other processes took meanwhile.", "",
+        "to the next. `other load` says how many cores other processes took meanwhile; above "
+        f"{BUSY_CORES} the figures are flagged as taken on a busy machine.", "",
     ]
 
 

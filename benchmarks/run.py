@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, log
+from benchmarks.common import DEFAULT_THREADS, REPO, RESULTS, log
 from benchmarks.report import markdown
 
 BENCHMARKS = ("training", "full_finetune", "ingest", "inference", "sensor", "landing_to_deployed")
@@ -44,13 +44,13 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_one(name: str, quick: bool, scratch: Path) -> dict:
+def run_one(name: str, quick: bool, scratch: Path, threads: int) -> dict:
     """Run ``benchmarks.<name>`` in a child process; its result plus wall time and the load
     other processes put on the machine meanwhile (in cores: 1.0 = one core fully taken)."""
     out = scratch / f"{name}.json"
     out.unlink(missing_ok=True)
     command = [sys.executable, "-m", f"benchmarks.{name}", "--json", str(out),
-               "--scratch", str(scratch)] + (["--quick"] if quick else [])
+               "--scratch", str(scratch), "--threads", str(threads)] + (["--quick"] if quick else [])
     log(f"=== {name}")
     busy, mine, started = busy_cpu_seconds(), children_cpu_seconds(), time.time()
     try:
@@ -68,15 +68,15 @@ def run_one(name: str, quick: bool, scratch: Path) -> dict:
     return result
 
 
-def machine() -> dict:
-    import torch
+def machine(threads: int) -> dict:
+    from importlib.metadata import version
 
     with open("/proc/meminfo") as handle:
         mem_kb = int(handle.readline().split()[1])
     return {
         "cpus": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
+        "python": platform.python_version(), "torch": version("torch"),
+        "torch_threads": threads or os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
     }
 
 
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes; a few minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report folder")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"torch threads for both sides of each comparison (default "
+                        f"{DEFAULT_THREADS}, see benchmarks/common.py; 0: one per core)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = args.out.resolve()
@@ -92,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     report = {"mode": mode, "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
-              "machine": machine(), "benchmarks": []}
+              "machine": machine(args.threads), "benchmarks": []}
     started = time.time()
     for name in args.only or BENCHMARKS:
-        report["benchmarks"].append(run_one(name, args.quick, scratch))
+        report["benchmarks"].append(run_one(name, args.quick, scratch, args.threads))
     report["total_seconds"] = round(time.time() - started, 1)
     write(report, out, mode)
     return 0 if all("error" not in b for b in report["benchmarks"]) else 1

@@ -75,7 +75,11 @@ class WarehouseResource(dg.ConfigurableResource):
     def connection(self) -> Iterator:
         path = self.path()
         with exclusive_lock(path), DuckDBResource(database=str(path)).get_connection() as conn:
-            yield conn
+            # get_connection closes only on success; a failed step must not keep the file open.
+            try:
+                yield conn
+            finally:
+                conn.close()
 
 
 class PixelCacheResource(dg.ConfigurableResource):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +24,7 @@ def predict_probabilities(
     """Softmax probabilities (N, num_classes), columns in logit (ClassSpec) order.
 
     ``pixels`` are (H, W, 3) uint8 RGB arrays of any sizes; they are resized and normalised per
-    batch so memory stays bounded by ``batch_size`` images.
+    batch so memory stays bounded by ``batch_size`` images. Runs in channels_last (see embed).
     """
     import torch
 
@@ -31,9 +32,10 @@ def predict_probabilities(
         return np.zeros((0, int(model.config.num_labels)), dtype=np.float32)
     chunks = []
     model.eval()
-    with torch.inference_mode():
+    with channels_last(model), torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
             batch = preprocess_pixels(pixels[start : start + batch_size], preprocessing)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             chunks.append(torch.softmax(model(pixel_values=batch).logits, dim=-1).numpy())
     return np.concatenate(chunks)
 
@@ -51,20 +53,39 @@ def embed(
     model: PreTrainedModel,
     preprocessing: Preprocessing,
     pixels: list[np.ndarray],
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> np.ndarray:
-    """Pooled backbone features (N, D) as float32: what the classifier head sees."""
+    """Pooled backbone features (N, D) as float32: what the classifier head sees.
+
+    Runs in channels_last memory format, in batches of 32: on CPU both make a ResNet-50 pass at
+    224 px about twice as fast per image as contiguous batches of 64 (benchmarks/training.py).
+    """
     import torch
 
     if not pixels:
         return np.zeros((0, 0), dtype=np.float32)
     chunks = []
     model.eval()
-    with torch.inference_mode():
+    with channels_last(model), torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
             batch = preprocess_pixels(pixels[start : start + batch_size], preprocessing)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             chunks.append(pooled_features(model, batch).numpy())
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+@contextmanager
+def channels_last(model: PreTrainedModel) -> Iterator[None]:
+    """The model's 4-D weights in channels_last for the block, then back to contiguous (so a
+    later save or training step sees the usual layout). Converted outside inference mode, so
+    the weights never become inference tensors."""
+    import torch
+
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def pooled_features(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:

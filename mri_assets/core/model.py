@@ -314,6 +314,8 @@ def preprocess_pixels(
 
     Images of one shape are resized together (bilinear, antialiased) in chunks of ``chunk``, so a
     list of mixed sizes costs one interpolate call per shape and chunk, never one per image.
+    The resize runs on the uint8 pixels (torch's vectorised uint8 path, ~3x faster than float32;
+    a resized value differs from the float one by at most one grey level), then normalises.
     """
     import torch
     import torch.nn.functional as F
@@ -326,12 +328,12 @@ def preprocess_pixels(
         for start in range(0, len(indices), chunk):
             part = indices[start : start + chunk]
             stacked = torch.from_numpy(np.stack([_as_rgb(pixels[i]) for i in part]))
-            batch = stacked.permute(0, 3, 1, 2).float()
+            batch = stacked.permute(0, 3, 1, 2)  # uint8, channels_last in memory
             if batch.shape[-2:] != (size, size):
                 batch = F.interpolate(
                     batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
                 )
-            out[torch.as_tensor(part)] = (batch - mean) / std
+            out[torch.as_tensor(part)] = (batch.float() - mean) / std
     return out
 
 

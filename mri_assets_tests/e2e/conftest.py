@@ -348,6 +348,15 @@ def pytest_runtest_makereport(item, call):
     server = item.funcargs.get("dagster_dev") if hasattr(item, "funcargs") else None
     if report.failed and isinstance(server, DagsterDev):
         report.sections.append(("dagster dev log (tail)", server.log_tail(150)))
+    page = item.funcargs.get("page") if hasattr(item, "funcargs") else None
+    if report.failed and page is not None:  # what the browser showed when the test failed
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"failed-{item.name}.png"
+        try:
+            page.screenshot(path=str(path))
+            report.sections.append(("screenshot", str(path)))
+        except Exception as error:  # a dead browser must not hide the real failure
+            report.sections.append(("screenshot", f"not taken: {error}"))
 
 
 @pytest.hookimpl(trylast=True)

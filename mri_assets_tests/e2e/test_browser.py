@@ -55,7 +55,11 @@ def chromium() -> Path:
 
 @pytest.fixture(scope="module")
 def page(chromium, dagster_dev):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    # Node statuses arrive in a second GraphQL query after the graph; on a loaded CI machine
+    # that takes longer than expect()'s 5 s default.
+    expect.set_options(timeout=UI_TIMEOUT_MS)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
