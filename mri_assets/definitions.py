@@ -48,4 +48,8 @@ defs = dg.Definitions(
     asset_checks=[*table_checks, *deployment_checks],
     sensors=[*landing_sensors, automation_sensor, *alert_sensors],
     resources=build_resources(),
+    # Steps of a run share its process: a step's own process would re-import Dagster, torch and
+    # transformers (~2-3 s each), and on two cores the steps gain nothing from running side by
+    # side. Pools still apply. On Kubernetes, each run is one pod (K8sRunLauncher) either way.
+    executor=dg.in_process_executor,
 )

@@ -242,13 +242,19 @@ def _train_full(
     """Every weight trains; images are preprocessed to tensors once, augmented per batch."""
     import torch
 
+    from mri_assets.core.inference import channels_last
+
     started = time.perf_counter()
     inputs = preprocess_pixels(pixels_lookup(list(sha256s)), preprocessing)
+    # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
     log(f"{len(sha256s)} images preprocessed in {time.perf_counter() - started:.1f}s")
-    loop = _TrainingLoop(
-        model, lambda x: model(pixel_values=x).logits, config, augment=config.augment
-    )
-    return loop.run(inputs, torch.from_numpy(targets), *split, log)
+    def forward(x: torch.Tensor) -> torch.Tensor:  # augmentation returns contiguous batches
+        return model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits
+
+    loop = _TrainingLoop(model, forward, config, augment=config.augment)
+    with channels_last(model):
+        return loop.run(inputs, torch.from_numpy(targets), *split, log)
 
 
 def _train_linear_probe(
@@ -318,11 +324,14 @@ def cached_embeddings(
     cache: EmbeddingCache | None,
     log: Callable[[str], None] = print,
     batch_size: int = 32,
+    chunk_size: int = 512,
 ) -> np.ndarray:
     """Pooled backbone embeddings (N, D) of ``sha256s``; the backbone runs once per uncached image.
 
     Batches of 32: on CPU a ResNet-50 at 224 px runs ~1.4x faster per image than in batches of
-    64, whose activations no longer fit the caches (benchmarks/training.py).
+    64, whose activations no longer fit the caches (benchmarks/training.py). Pixels are looked
+    up ``chunk_size`` images at a time, which bounds memory and the number of ``embed`` calls
+    (each converts the weights to channels_last and back).
     """
     from mri_assets.core.inference import embed
 
@@ -330,8 +339,8 @@ def cached_embeddings(
     key = EmbeddingCache.key(weights_fingerprint(model.base_model), preprocessing) if cache else ""
     missing = [sha for sha in unique if not (cache and cache.has(key, sha))]
     computed: dict[str, np.ndarray] = {}
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
+    for start in range(0, len(missing), chunk_size):
+        chunk = missing[start : start + chunk_size]
         for sha, vector in zip(
             chunk, embed(model, preprocessing, pixels_lookup(chunk), batch_size), strict=True
         ):
