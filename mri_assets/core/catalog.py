@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,8 +131,16 @@ def exclusive_lock(database: str | Path) -> Iterator[None]:
 # DuckDB keeps a result open until it is fully fetched, so single rows are read with fetchall().
 
 
+# Connections whose schema is in place: the DDL costs ~1 ms a call and every function here needs
+# it, so it runs once per connection (an increment's fixed cost is a budget of a few ms).
+_schema_ready: weakref.WeakSet = weakref.WeakSet()
+
+
 def ensure_schema(conn) -> None:
-    conn.execute(SCHEMA)
+    """Create the catalogue tables if missing (once per connection)."""
+    if conn not in _schema_ready:
+        conn.execute(SCHEMA)
+        _schema_ready.add(conn)
 
 
 def ledger_fingerprints(conn, split_folder: str) -> dict[str, str]:
@@ -155,14 +164,14 @@ def record_ingest(conn, accepted: pd.DataFrame, rejected: pd.DataFrame, ledger: 
     try:
         if len(accepted):
             conn.register("batch_accepted", accepted)
-            # A rewritten key keeps its first_seen: the image's place in the split is unchanged.
+            # A rewritten key keeps its first_seen (the update leaves it out): the image's place
+            # in the split is unchanged.
             conn.execute(
                 """
                 INSERT INTO landed_images
-                SELECT b.source_key, b.split_folder, b.sha256, b.label, b.width, b.height,
-                       b.source_mode, b.source_format, b.size_bytes,
-                       coalesce(old.first_seen, b.processed_at), b.processed_at
-                FROM batch_accepted b LEFT JOIN landed_images old USING (source_key)
+                SELECT source_key, split_folder, sha256, label, width, height, source_mode,
+                       source_format, size_bytes, processed_at, processed_at
+                FROM batch_accepted
                 ON CONFLICT (source_key) DO UPDATE SET
                     sha256 = excluded.sha256, label = excluded.label, width = excluded.width,
                     height = excluded.height, source_mode = excluded.source_mode,
@@ -308,7 +317,7 @@ def known_images(conn) -> dict:
         "SELECT sha256, any_value(width), any_value(height), any_value(source_mode), "
         "any_value(source_format) FROM landed_images GROUP BY sha256"
     ).fetchall()
-    return {r[0]: KnownImage(r[1], r[2], r[3], r[4]) for r in rows}
+    return {sha: KnownImage(w, h, mode, fmt) for sha, w, h, mode, fmt in rows}
 
 
 def landing_totals(conn, split_folder: str) -> dict[str, int]:

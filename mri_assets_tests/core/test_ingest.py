@@ -6,7 +6,7 @@ from mri_assets.core import catalog
 from mri_assets.core.ingest import ingest_new_objects
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.landing import LocalLanding, S3Landing, listing_digest, parse_s3_location
-from mri_assets.core.pixel_cache import PixelCache
+from mri_assets.core.pixel_cache import PackWriteFailed, PixelCache
 from mri_assets_tests.bad_files import BAD_FILES
 from mri_assets_tests.conftest import png_bytes
 
@@ -72,6 +72,43 @@ def test_rewritten_file_is_examined_again_and_a_bad_rewrite_keeps_the_good_versi
     assert list(images["source_key"]) == ["train/glioma/a.png"]
     rejected = catalog.rebuild_rejected_images(conn)
     assert rejected["earlier_version_kept"].tolist() == [True]
+
+
+def test_pixels_are_on_disk_for_other_processes_when_the_batch_is_returned(store, tmp_path):
+    landing, conn, cache = store
+    for i in range(5):
+        landing.write(f"train/glioma/{i}.png", png_bytes(i))
+    batch = ingest_new_objects(landing, "train", {}, {}, CLASSES, cache)
+    other_process = PixelCache(tmp_path / "px")
+    assert len(other_process.get_many(e.sha256 for e in batch.accepted)) == 5
+
+
+def test_a_pixel_cache_that_cannot_be_written_fails_the_batch_before_recording(
+    store, tmp_path, monkeypatch
+):
+    landing, conn, _ = store
+    for i in range(3):
+        landing.write(f"train/glioma/{i}.png", png_bytes(i))
+    # Packs of one: the failing write happens in a worker thread, not only in the final flush.
+    writer = PixelCache.writer
+    monkeypatch.setattr(PixelCache, "writer", lambda self: writer(self, max_images=1))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "packs").write_text("a file where the packs folder should be")
+    with pytest.raises(PackWriteFailed):
+        ingest(landing, conn, PixelCache(tmp_path / "broken"))
+    assert catalog.ledger_fingerprints(conn, "train") == {}  # retried in full next run
+
+
+def test_a_rewritten_key_keeps_its_first_seen(store):
+    landing, conn, cache = store
+    landing.write("train/glioma/a.png", png_bytes(1))
+    ingest(landing, conn, cache)
+    landing.write("train/glioma/a.png", png_bytes(2))
+    ingest(landing, conn, cache)
+    first_seen, updated_at, sha = conn.execute(
+        "SELECT first_seen, updated_at, sha256 FROM landed_images"
+    ).fetchall()[0]
+    assert first_seen < updated_at and cache.has(sha)
 
 
 def test_in_progress_uploads_are_left_for_later(store):
