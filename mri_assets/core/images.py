@@ -62,15 +62,17 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Fully decode and validate one file's bytes.
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, sha256: str | None = None
+) -> DecodedImage:
+    """Fully decode and validate one file's bytes (``sha256``: their hash, if already known).
 
     Raises ImageRejected with reason ``empty_file``, ``not_an_image``, ``too_large`` or
     ``truncated`` (anything that fails to decode completely).
     """
     if not data:
         raise ImageRejected("empty_file", "the file has zero bytes")
-    digest = content_hash(data)
+    digest = sha256 or content_hash(data)
     try:
         with warnings.catch_warnings():
             # PIL warns before it raises; a bomb must be an error, never a warning.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mri_assets.core.allocator import keep_freed_memory_for_reuse
 from mri_assets.core.model import Preprocessing, preprocess_pixels
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def predict_probabilities(
 
     if not pixels:
         return np.zeros((0, int(model.config.num_labels)), dtype=np.float32)
+    keep_freed_memory_for_reuse()
     chunks = []
     model.eval()
     with channels_last(model), torch.inference_mode():
@@ -64,6 +66,7 @@ def embed(
 
     if not pixels:
         return np.zeros((0, 0), dtype=np.float32)
+    keep_freed_memory_for_reuse()
     chunks = []
     model.eval()
     with channels_last(model), torch.inference_mode():

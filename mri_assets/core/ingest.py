@@ -171,7 +171,7 @@ def examine_object(
         info = known[sha]
         return Examined(obj, label, sha, info.width, info.height, info.source_mode, info.source_format)
     try:
-        image = decode_image(data, max_pixels=max_pixels)
+        image = decode_image(data, max_pixels=max_pixels, sha256=sha)
     except ImageRejected as rejection:
         return Examined(obj, label, sha, reason=rejection.reason, detail=rejection.detail, decoded=True)
     writer.put(image.sha256, image.pixels)

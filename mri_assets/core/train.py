@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mri_assets.core.allocator import keep_freed_memory_for_reuse
 from mri_assets.core.model import (
     Preprocessing,
     head_linear,
@@ -180,6 +181,7 @@ def fine_tune(
 
     config = config or TrainConfig()
     targets = _validated_labels(sha256s, labels)
+    keep_freed_memory_for_reuse()
     preprocessing = preprocessing.with_size(config.image_size)
     started = time.perf_counter()
     train_idx, val_idx = stratified_split(targets, config.validation_fraction, config.seed)
