@@ -235,7 +235,7 @@ def run(quick: bool, scratch: Path) -> Result:
         result.figures.append(increment(quick, scratch, sampler))
     result.notes = [
         "Ours includes DuckDB (ledger read, one transaction per split), sha256, full decode and "
-        "validation, conversion to RGB and the pixel-cache write (packs); it does not resize. "
+        "validation, conversion to RGB and the pixel-cache write (packs, fsynced); it does not resize. "
         "The reference decodes, converts and resizes to 224 px, and keeps nothing.",
         f"Both sides use {os.cpu_count()} threads (one per core).",
     ]

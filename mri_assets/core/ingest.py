@@ -21,7 +21,7 @@ import pandas as pd
 from mri_assets.core.images import DEFAULT_MAX_PIXELS, ImageRejected, content_hash, decode_image
 from mri_assets.core.labels import ClassSpec, resolve_label
 from mri_assets.core.landing import LandedObject, Landing
-from mri_assets.core.pixel_cache import PackWriteFailed, PackWriter, PixelCache
+from mri_assets.core.pixel_cache import PackWriter, PixelCache, PixelCacheError
 
 # Files a copy tool is still writing: never read, never recorded; they reappear under their name.
 IN_PROGRESS_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download")
@@ -220,24 +220,27 @@ def ingest_new_objects(
             return examine_object(landing, obj, classes, cache, writer, known, max_pixels)
         except FileNotFoundError:
             return None
-        except PackWriteFailed:
-            raise  # it lost other objects' pixels too: fail the batch, record nothing
+        except PixelCacheError:
+            raise  # the cache, not this object, failed (and maybe lost others' pixels): fail the batch
         except Exception as error:  # noqa: BLE001 - one bad object must never sink the batch
             if _is_missing_object(error):
                 return None
             return Examined(obj, None, reason="unreadable", detail=f"{type(error).__name__}: {error}")
 
-    with (
-        cache.writer() as writer,
-        ThreadPoolExecutor(max_workers=workers or default_workers(landing)) as pool,
-    ):
-        for done, result in enumerate(pool.map(examine, candidates), start=1):
-            if result is None:
-                batch.vanished += 1
-            else:
-                batch.examined.append(result)
-            if on_progress:
-                on_progress(done, len(candidates))
+    with cache.writer() as writer:
+        pool = ThreadPoolExecutor(max_workers=workers or default_workers(landing))
+        try:
+            for done, result in enumerate(pool.map(examine, candidates), start=1):
+                if result is None:
+                    batch.vanished += 1
+                else:
+                    batch.examined.append(result)
+                if on_progress:
+                    on_progress(done, len(candidates))
+        finally:
+            # On a failure (or a cancelled run), objects not yet started are dropped rather
+            # than read and decoded for a batch that will not be recorded.
+            pool.shutdown(wait=True, cancel_futures=True)
     batch.seconds = time.perf_counter() - started
     return batch
 

@@ -307,6 +307,11 @@ def _triple(values: Any, default: tuple[float, float, float]) -> tuple[float, fl
     return floats if len(floats) == 3 else default
 
 
+# Names how preprocess_pixels turns pixels into tensors; cached embeddings are keyed by it, so a
+# change of method never mixes old and new embeddings.
+PREPROCESSING_VERSION = "uint8-antialiased-resize"
+
+
 def preprocess_pixels(
     pixels: list[np.ndarray], preprocessing: Preprocessing, chunk: int = 64
 ) -> torch.Tensor:

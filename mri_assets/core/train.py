@@ -23,6 +23,7 @@ import numpy as np
 
 from mri_assets.core.allocator import keep_freed_memory_for_reuse
 from mri_assets.core.model import (
+    PREPROCESSING_VERSION,
     Preprocessing,
     head_linear,
     preprocess_pixels,
@@ -142,7 +143,9 @@ class EmbeddingCache:
 
     @staticmethod
     def key(backbone_fingerprint: str, preprocessing: Preprocessing) -> str:
-        norm = hashlib.sha256(repr((preprocessing.mean, preprocessing.std)).encode()).hexdigest()
+        norm = hashlib.sha256(
+            repr((preprocessing.mean, preprocessing.std, PREPROCESSING_VERSION)).encode()
+        ).hexdigest()
         return f"{backbone_fingerprint[:16]}-{preprocessing.image_size}px-{norm[:8]}"
 
     def path(self, key: str, sha256: str) -> Path:

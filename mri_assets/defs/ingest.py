@@ -51,9 +51,9 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         resolved = settings.resolve()
         zone = landing.open()
-        # Two short connections, not one long one: the DuckDB lock is free while the files are
-        # examined (minutes for a large upload), so the other split's ingest and the table assets
-        # are not held up. It costs one more open and close (~10 ms) per run.
+        # Two short connections, not one long one: the DuckDB file lock is free while the files
+        # are examined (minutes for a large upload), so processes outside Dagster's `duckdb` pool
+        # (a notebook, another instance) are not shut out. It costs ~10 ms per run.
         with warehouse.connection() as conn:
             ledger = catalog.ledger_fingerprints(conn, split)
             known = catalog.known_images(conn)

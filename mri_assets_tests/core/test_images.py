@@ -61,5 +61,5 @@ def test_pixel_cache_round_trip_and_missing_key(tmp_path):
     assert cache.has("ab" * 32)
     np.testing.assert_array_equal(cache.get("ab" * 32), pixels)
     assert not list(tmp_path.rglob("*.tmp"))
-    with pytest.raises(KeyError, match="re-materialize"):
+    with pytest.raises(KeyError, match="upload again"):
         cache.get("cd" * 32)

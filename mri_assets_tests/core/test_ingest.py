@@ -2,11 +2,11 @@ import boto3
 import duckdb
 import pytest
 
-from mri_assets.core import catalog
+from mri_assets.core import catalog, pixel_cache
 from mri_assets.core.ingest import ingest_new_objects
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.landing import LocalLanding, S3Landing, listing_digest, parse_s3_location
-from mri_assets.core.pixel_cache import PackWriteFailed, PixelCache
+from mri_assets.core.pixel_cache import PackWriteFailed, PixelCache, PixelCacheError
 from mri_assets_tests.bad_files import BAD_FILES
 from mri_assets_tests.conftest import png_bytes
 
@@ -87,16 +87,33 @@ def test_a_pixel_cache_that_cannot_be_written_fails_the_batch_before_recording(
     store, tmp_path, monkeypatch
 ):
     landing, conn, _ = store
-    for i in range(3):
+    for i in range(4):
         landing.write(f"train/glioma/{i}.png", png_bytes(i))
-    # Packs of one: the failing write happens in a worker thread, not only in the final flush.
+    # Packs of two: the failing write happens in a worker thread, after other objects were
+    # already examined, and with an error that is not an OSError.
     writer = PixelCache.writer
-    monkeypatch.setattr(PixelCache, "writer", lambda self: writer(self, max_images=1))
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "packs").write_text("a file where the packs folder should be")
-    with pytest.raises(PackWriteFailed):
-        ingest(landing, conn, PixelCache(tmp_path / "broken"))
+    monkeypatch.setattr(PixelCache, "writer", lambda self: writer(self, max_images=2))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory for the index")
+
+    monkeypatch.setattr(pixel_cache.json, "dumps", out_of_memory)
+    with pytest.raises(PackWriteFailed, match="MemoryError"):
+        ingest(landing, conn, PixelCache(tmp_path / "px-failing"))
     assert catalog.ledger_fingerprints(conn, "train") == {}  # retried in full next run
+
+
+def test_an_unreadable_pixel_cache_fails_the_batch_instead_of_rejecting_objects(store, tmp_path):
+    landing, conn, cache = store
+    landing.write("train/glioma/a.png", png_bytes(1))
+    ingest(landing, conn, cache)
+    landing.write("train/glioma/copy_of_a.png", png_bytes(1))  # known content: looked up in the cache
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "packs").write_text("a file where the packs folder should be")
+    with pytest.raises(PixelCacheError, match="cannot list"):
+        ingest(landing, conn, PixelCache(broken))
+    assert set(catalog.ledger_fingerprints(conn, "train")) == {"train/glioma/a.png"}
 
 
 def test_a_rewritten_key_keeps_its_first_seen(store):

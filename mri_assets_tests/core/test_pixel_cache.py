@@ -7,7 +7,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
+from mri_assets.core import pixel_cache
 from mri_assets.core.pixel_cache import (
+    CacheUnreadable,
     CorruptPack,
     PackWriteFailed,
     PixelCache,
@@ -99,7 +101,7 @@ def test_a_corrupt_index_is_ignored_with_a_warning(tmp_path, caplog, index):
         assert not fresh.has(sha(2))
     assert "x.idx" in caplog.text
     np.testing.assert_array_equal(fresh.get(sha(1)), image(1))
-    with pytest.raises(KeyError, match="re-materialize"):
+    with pytest.raises(KeyError, match="upload again"):
         fresh.get(sha(2))
 
 
@@ -121,10 +123,25 @@ def test_a_missing_pack_data_file_raises_a_clear_error(tmp_path):
         PixelCache(tmp_path).get(sha(1))
 
 
-def test_a_pack_that_cannot_be_written_fails_loudly(tmp_path):
+def test_a_pack_that_cannot_be_written_fails_loudly_and_leaves_nothing(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pixel_cache.os, "replace", disk_full)
+    cache = PixelCache(tmp_path)
+    with pytest.raises(PackWriteFailed, match="No space left"):
+        cache.put(sha(1), image(1))
+    monkeypatch.undo()
+    assert not cache.has(sha(1)) and not PixelCache(tmp_path).has(sha(1))
+    assert list((tmp_path / "packs").iterdir()) == []  # the half-written pack was removed
+
+
+def test_a_packs_path_that_cannot_be_listed_fails_loudly(tmp_path):
     tmp_path.joinpath("packs").write_text("a file where the packs folder should be")
-    with pytest.raises(PackWriteFailed, match="could not write a pixel-cache pack"):
+    with pytest.raises(CacheUnreadable, match="cannot list"):
         PixelCache(tmp_path).put(sha(1), image(1))
+    with pytest.raises(CacheUnreadable, match="cannot list"):
+        PixelCache(tmp_path).has(sha(1))
 
 
 def test_old_one_file_per_image_entries_are_still_read(tmp_path):

@@ -107,6 +107,8 @@ def test_full_fine_tune_learns_the_toy_task_and_logs_each_epoch(base, train_set,
     ]
     assert all(e.val_auc is not None and e.val_loss is not None for e in result.epochs)
     assert result.n_train + result.n_validation == len(train_set[0])
+    # Trained in channels_last, handed back in the usual layout (what save_pretrained expects).
+    assert all(p.is_contiguous() for p in result.model.parameters())
 
 
 def test_same_seed_same_model_other_seed_other_model(base, train_set) -> None:
