@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mri_assets.core.files import fsync_file, replaced_atomically
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,10 @@ _RECOVER = (
 
 
 def save_npy_atomically(target: Path, array: np.ndarray) -> None:
-    """Write ``array`` as .npy through a temp file and os.replace: never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``array`` as .npy through a temp file and a rename: never half-written. Not fsynced:
+    what it stores (embeddings) is recomputed when missing."""
+    with replaced_atomically(target, durable=False) as handle:
+        np.save(handle, array)
 
 
 class PixelCacheError(OSError):
@@ -277,7 +272,6 @@ class PackWriter:
         packs = self.cache.packs
         name = uuid.uuid4().hex
         data = packs / f"{name}.pack"
-        tmp = packs / f".{name}.idx.tmp"
         entries, rows, offset = {}, [], 0
         try:
             packs.mkdir(parents=True, exist_ok=True)
@@ -287,43 +281,23 @@ class PackWriter:
                     entries[sha] = PackEntry(data, offset, array.shape, array.dtype)
                     rows.append([sha, offset, list(array.shape), array.dtype.name])
                     offset += array.nbytes
-                _sync(handle)
-            with open(tmp, "w") as handle:
+                fsync_file(handle)
+            # The index is the commit point; its rename and the pack's entry are fsynced with it.
+            with replaced_atomically(packs / f"{name}.idx", "w") as handle:
                 handle.write(json.dumps({"format": PACK_FORMAT, "data": data.name, "entries": rows}))
-                _sync(handle)
-            os.replace(tmp, packs / f"{name}.idx")  # the commit point
-            _sync_folder(packs)
         except Exception as error:  # any failure (disk, memory) loses every image of this pack
-            _discard(tmp, data)
+            _discard(data)
             raise PackWriteFailed(
                 f"could not write a pixel-cache pack under {packs}: {type(error).__name__}: "
                 f"{error}; free space or fix permissions there and re-run the ingest"
             ) from error
         except BaseException:
-            _discard(tmp, data)
+            _discard(data)
             raise
         self.cache._add(entries, f"{name}.idx")
 
 
-def _sync(handle) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _discard(*paths: Path) -> None:
-    """Best-effort removal of a failed pack's files (the original error is the one to report)."""
-    for path in paths:
-        with suppress(OSError):
-            path.unlink(missing_ok=True)
+def _discard(data: Path) -> None:
+    """Best-effort removal of a failed pack's data (the original error is the one to report)."""
+    with suppress(OSError):
+        data.unlink(missing_ok=True)

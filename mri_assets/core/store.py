@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mri_assets.core.files import replaced_atomically
 from mri_assets.core.model import (
     PICKLE_PATTERNS,
     PREPROCESSOR_CONFIG,
@@ -319,20 +320,6 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(payload, indent=2, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself; not every filesystem allows it
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    """Readers see the old file or the new one; the new one survives a power loss."""
+    with replaced_atomically(path, "w") as handle:
+        handle.write(json.dumps(payload, indent=2, default=str) + "\n")

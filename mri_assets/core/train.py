@@ -254,6 +254,7 @@ def _train_full(
     # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
     inputs = inputs.contiguous(memory_format=torch.channels_last)
     log(f"{len(sha256s)} images preprocessed in {time.perf_counter() - started:.1f}s")
+
     def forward(x: torch.Tensor) -> torch.Tensor:  # augmentation returns contiguous batches
         return model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits
 
