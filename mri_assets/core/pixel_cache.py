@@ -12,6 +12,10 @@ data is written first, then the index through a temp file and a rename, so a pac
 index (a crash mid-write) is simply ignored; both files and the folder are fsynced before the
 rename, so the rows DuckDB records afterwards never outlive their pixels, even across a power
 loss. Pack names are uuids, so any number of processes can add packs without coordination.
+
+A writer holds a lock on its pack's data file until the index is in place, so the next
+``writer()`` (in any process) removes the data and temp files of writers that were killed, and
+never those of a writer still at work (see core/files.py).
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mri_assets.core.files import fsync_file, replaced_atomically
+from mri_assets.core.files import (
+    LEFTOVER_GRACE_SECONDS,
+    fsync_file,
+    held_for_writing,
+    remove_if_abandoned,
+    replaced_atomically,
+    sweep_temp_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +119,47 @@ class PixelCache:
         self, max_images: int = PACK_MAX_IMAGES, max_bytes: int = PACK_MAX_BYTES
     ) -> Iterator[PackWriter]:
         """A thread-safe batched writer; every image put is on disk when the block exits
-        normally. On an exception the images not yet flushed are dropped (nothing records them)."""
+        normally. On an exception the images not yet flushed are dropped (nothing records them).
+        Leftovers of killed writers are swept first; ``writer.swept`` lists them."""
+        swept = self.sweep_leftovers()
         self.refresh()  # so content another process already packed is not packed again
         writer = PackWriter(self, max_images, max_bytes)
+        writer.swept = swept
         try:
             yield writer
         except BaseException:
             writer.abandon()
             raise
         writer.flush()
+
+    def sweep_leftovers(self, grace_seconds: float = LEFTOVER_GRACE_SECONDS) -> list[Path]:
+        """Remove pack data files that never got their index, and index temp files, left by
+        writers that were killed (no live writer holds their lock) more than ``grace_seconds``
+        ago. Returns the paths removed (and logs them)."""
+        try:
+            names = set(os.listdir(self.packs))
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise CacheUnreadable(
+                f"cannot list the pixel cache's packs in {self.packs}: {error}"
+            ) from error
+        swept = []
+        for name in sorted(
+            n for n in names if n.endswith(".pack") and f"{n[:-5]}.idx" not in names
+        ):
+            data, index = self.packs / name, self.packs / f"{name[:-5]}.idx"
+            # Asked again under the lock: the writer may have committed since the listing.
+            if remove_if_abandoned(data, data, grace_seconds, lambda i=index: not i.exists()):
+                swept.append(data)
+        swept += sweep_temp_files(self.packs, grace_seconds)
+        if swept:
+            log.warning(
+                "removed %d leftover(s) of pixel-cache writers that were killed: %s",
+                len(swept),
+                ", ".join(str(p) for p in swept),
+            )
+        return swept
 
     def get(self, sha256: str) -> np.ndarray:
         return self.get_many([sha256])[0]
@@ -138,7 +181,9 @@ class PixelCache:
             try:
                 handle = open(data, "rb")  # noqa: SIM115 - closed below; the error needs the name
             except FileNotFoundError as error:
-                raise CorruptPack(f"pixel-cache pack {data} is missing but indexed; {_RECOVER}") from error
+                raise CorruptPack(
+                    f"pixel-cache pack {data} is missing but indexed; {_RECOVER}"
+                ) from error
             with handle:
                 for position, entry in sorted(entries, key=lambda item: item[1].offset):
                     found[position] = _read_array(handle, entry)
@@ -169,7 +214,9 @@ class PixelCache:
             except FileNotFoundError:
                 return
             except OSError as error:
-                raise CacheUnreadable(f"cannot list the pixel cache's packs in {self.packs}: {error}") from error
+                raise CacheUnreadable(
+                    f"cannot list the pixel cache's packs in {self.packs}: {error}"
+                ) from error
             for name in names:
                 if name not in self._indexes_read:
                     self._entries.update(self._read_index(self.packs / name))
@@ -194,7 +241,9 @@ class PixelCache:
                 entries[sha] = PackEntry(data, int(offset), dims, dtype)
             return entries
         except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring pixel-cache pack index %s: %s: %s", path, type(error).__name__, error)
+            log.warning(
+                "ignoring pixel-cache pack index %s: %s: %s", path, type(error).__name__, error
+            )
             return {}
 
     def _add(self, entries: dict[str, PackEntry], index_name: str) -> None:
@@ -231,6 +280,7 @@ class PackWriter:
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixel-packs")
         self._writes: list[Future] = []
+        self.swept: list[Path] = []  # leftovers of killed writers removed before this one began
 
     def put(self, sha256: str, pixels: np.ndarray) -> None:
         """Buffer one image (called from worker threads); a full buffer becomes a pack."""
@@ -275,16 +325,20 @@ class PackWriter:
         entries, rows, offset = {}, [], 0
         try:
             packs.mkdir(parents=True, exist_ok=True)
-            with open(data, "wb") as handle:
-                for sha, array in arrays.items():
-                    handle.write(memoryview(array).cast("B"))
-                    entries[sha] = PackEntry(data, offset, array.shape, array.dtype)
-                    rows.append([sha, offset, list(array.shape), array.dtype.name])
-                    offset += array.nbytes
-                fsync_file(handle)
-            # The index is the commit point; its rename and the pack's entry are fsynced with it.
-            with replaced_atomically(packs / f"{name}.idx", "w") as handle:
-                handle.write(json.dumps({"format": PACK_FORMAT, "data": data.name, "entries": rows}))
+            # Locked until the index is in place: only then is the pack no leftover.
+            with held_for_writing(data):
+                with open(data, "wb") as handle:
+                    for sha, array in arrays.items():
+                        handle.write(memoryview(array).cast("B"))
+                        entries[sha] = PackEntry(data, offset, array.shape, array.dtype)
+                        rows.append([sha, offset, list(array.shape), array.dtype.name])
+                        offset += array.nbytes
+                    fsync_file(handle)
+                # The index is the commit point; its rename and the pack's entry are fsynced
+                # with it.
+                with replaced_atomically(packs / f"{name}.idx", "w") as handle:
+                    index = {"format": PACK_FORMAT, "data": data.name, "entries": rows}
+                    handle.write(json.dumps(index))
         except Exception as error:  # any failure (disk, memory) loses every image of this pack
             _discard(data)
             raise PackWriteFailed(

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -26,7 +27,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mri_assets.core.files import replaced_atomically
+from mri_assets.core.files import (
+    LEFTOVER_GRACE_SECONDS,
+    held_for_writing,
+    remove_if_abandoned,
+    replaced_atomically,
+    sweep_temp_files,
+)
 from mri_assets.core.model import (
     PICKLE_PATTERNS,
     PREPROCESSOR_CONFIG,
@@ -44,7 +51,10 @@ RECORD_FILE = "training_record.json"
 VERSION_FILES = (WEIGHTS_FILE, "config.json", PREPROCESSOR_CONFIG, RECORD_FILE)
 DEPLOYMENTS_FILE = "deployments.json"
 _STAGING_PREFIX = ".tmp-"
+_STAGING_LOCK = ".writer.lock"  # held by the saving process; removed just before the rename
 _CORE_DIR = Path(__file__).resolve().parent
+
+log = logging.getLogger(__name__)
 
 
 class ModelStoreError(RuntimeError):
@@ -82,32 +92,57 @@ class ModelStore:
         weights' sha256): they sort by creation time. The folder is written under a temporary
         name and renamed into place, so a crash leaves either a complete version or none.
         ``training_record`` is stored with ``version``, ``created_at``, ``code_version`` and
-        ``weights_sha256`` added.
+        ``weights_sha256`` added. Staging folders left by a killed save are swept first
+        (``sweep_leftovers``).
         """
         self.versions_root.mkdir(parents=True, exist_ok=True)
+        self.sweep_leftovers()
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.versions_root))
+        lock = staging / _STAGING_LOCK
         try:
-            with quiet_transformers():
-                model.save_pretrained(staging)
-            save_preprocessing(preprocessing, staging)
-            _refuse_pickles(staging)  # save_pretrained must have written safetensors only
-            weights_sha = _file_sha256(staging / WEIGHTS_FILE)
-            now = datetime.now(timezone.utc)
-            version = f"{now:%Y%m%dT%H%M%S.%f}Z-{weights_sha[:8]}"
-            if self.version_path(version).exists():  # same weights within the same microsecond
-                version = f"{version}-{secrets.token_hex(2)}"
-            record = {
-                **training_record,
-                "version": version,
-                "created_at": _iso(now),
-                "code_version": code_version(),
-                "weights_sha256": weights_sha,
-            }
-            _write_json(staging / RECORD_FILE, record)
-            os.rename(staging, self.version_path(version))
+            with held_for_writing(lock):
+                with quiet_transformers():
+                    model.save_pretrained(staging)
+                save_preprocessing(preprocessing, staging)
+                _refuse_pickles(staging)  # save_pretrained must have written safetensors only
+                weights_sha = _file_sha256(staging / WEIGHTS_FILE)
+                now = datetime.now(timezone.utc)
+                version = f"{now:%Y%m%dT%H%M%S.%f}Z-{weights_sha[:8]}"
+                if self.version_path(version).exists():  # same weights, same microsecond
+                    version = f"{version}-{secrets.token_hex(2)}"
+                record = {
+                    **training_record,
+                    "version": version,
+                    "created_at": _iso(now),
+                    "code_version": code_version(),
+                    "weights_sha256": weights_sha,
+                }
+                _write_json(staging / RECORD_FILE, record)
+                # Still locked through the open descriptor; the unlink refreshes the folder's
+                # mtime, so the grace period covers the instant until the rename.
+                lock.unlink()
+                os.rename(staging, self.version_path(version))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return version
+
+    def sweep_leftovers(self, grace_seconds: float = LEFTOVER_GRACE_SECONDS) -> list[Path]:
+        """Remove what killed saves left behind: ``versions/.tmp-*`` staging folders whose
+        writer is gone and that are older than ``grace_seconds``, and stray temp files of
+        ``deployments.json``. A save still running, in any process, is never touched. Returns
+        the paths removed (and logs them)."""
+        swept = sweep_temp_files(self.root, grace_seconds)
+        if self.versions_root.is_dir():
+            for staging in sorted(self.versions_root.glob(f"{_STAGING_PREFIX}*")):
+                if remove_if_abandoned(staging, staging / _STAGING_LOCK, grace_seconds):
+                    swept.append(staging)
+        if swept:
+            log.warning(
+                "removed %d leftover(s) of model saves that were killed: %s",
+                len(swept),
+                ", ".join(str(p) for p in swept),
+            )
+        return swept
 
     def load_version(self, version: str) -> tuple[PreTrainedModel, Preprocessing]:
         """The model (eval mode, float32) and preprocessing of a stored version.

@@ -1,8 +1,15 @@
 import json
 import logging
 import multiprocessing
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +54,9 @@ def test_threads_share_one_writer(tmp_path):
     cache = PixelCache(tmp_path)
     with cache.writer(max_images=5) as writer:
         threads = [
-            threading.Thread(target=lambda t=t: [writer.put(sha(i), image(i)) for i in range(t, 60, 4)])
+            threading.Thread(
+                target=lambda t=t: [writer.put(sha(i), image(i)) for i in range(t, 60, 4)]
+            )
             for t in range(4)
         ]
         for thread in threads:
@@ -172,3 +181,84 @@ def test_two_processes_writing_at_once_both_land(tmp_path):
     cache = PixelCache(tmp_path)
     for i in [*range(20), *range(100, 120)]:
         np.testing.assert_array_equal(cache.get(sha(i)), image(i))
+
+
+# A real writer in another process that stops in the middle of a pack: after the data file is
+# written ("data") or while the index's temp file is open ("index").
+STALLED_WRITER = """
+import json, sys, time, types
+import numpy as np
+from mri_assets.core import pixel_cache
+
+def stall(*args, **kwargs):
+    print("writing", flush=True)
+    time.sleep(600)
+
+if sys.argv[2] == "data":
+    pixel_cache.fsync_file = stall
+else:
+    pixel_cache.json = types.SimpleNamespace(dumps=stall, loads=json.loads)
+pixel_cache.PixelCache(sys.argv[1]).put("ff" * 32, np.zeros((4, 5, 3), np.uint8))
+"""
+
+
+def start_stalled_writer(root, stage: str) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", STALLED_WRITER, str(root), stage], stdout=subprocess.PIPE, text=True
+    )
+    ready, _, _ = select.select([child.stdout], [], [], 120)
+    if not ready or child.stdout.readline().strip() != "writing":
+        child.kill()
+        pytest.fail("the writer process never reached the middle of its pack")
+    return child
+
+
+def kill_9(child: subprocess.Popen) -> None:
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+
+
+def set_age(paths, seconds: float) -> None:
+    moment = time.time() - seconds
+    for path in paths:
+        os.utime(path, (moment, moment))
+
+
+@pytest.mark.parametrize("stage", ["data", "index"])
+def test_a_killed_writers_pack_is_swept_but_a_live_writers_never(tmp_path, caplog, stage):
+    child = start_stalled_writer(tmp_path, stage)
+    try:
+        in_progress = sorted((tmp_path / "packs").iterdir())
+        assert [p.suffix for p in in_progress] == (
+            [".pack"] if stage == "data" else [".tmp", ".pack"]
+        )
+        set_age(in_progress, 3600)  # older than any grace period: only the lock protects it
+        with PixelCache(tmp_path).writer() as writer:
+            writer.put(sha(1), image(1))
+        assert writer.swept == []
+        assert all(p.exists() for p in in_progress)  # the live writer's files are untouched
+    finally:
+        kill_9(child)
+
+    set_age(in_progress, 0)  # just written: could be a writer that has not locked it yet
+    with PixelCache(tmp_path).writer() as writer:
+        writer.put(sha(2), image(2))
+    assert writer.swept == [] and all(p.exists() for p in in_progress)
+
+    set_age(in_progress, 120)
+    with (
+        caplog.at_level(logging.WARNING, logger="mri_assets.core.pixel_cache"),
+        PixelCache(tmp_path).writer() as writer,
+    ):
+        writer.put(sha(3), image(3))
+    assert sorted(writer.swept) == sorted(in_progress)
+    assert not any(p.exists() for p in in_progress)
+    assert in_progress[-1].name in caplog.text
+    names = sorted(p.name for p in (tmp_path / "packs").iterdir())
+    assert {Path(n).stem for n in names if n.endswith(".pack")} == {
+        Path(n).stem for n in names if n.endswith(".idx")
+    }  # only committed packs are left
+    fresh = PixelCache(tmp_path)
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(fresh.get(sha(i)), image(i))
+    assert not fresh.has("ff" * 32)

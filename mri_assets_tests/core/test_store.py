@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
+import select
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +95,77 @@ def test_crash_while_saving_leaves_no_version(
         save(store, 0)
     assert store.versions() == []
     assert list(store.versions_root.iterdir()) == []  # the staging folder is gone too
+
+
+# A real save in another process that stops once the weights are written, before the rename.
+STALLED_SAVE = """
+import sys, time
+from mri_assets.core import store
+from mri_assets_tests.core.test_store import PREPROCESSING, RECORD, tiny_model
+
+def stall(path):
+    print("writing", flush=True)
+    time.sleep(600)
+
+store._file_sha256 = stall
+store.ModelStore(sys.argv[1]).save_version(tiny_model(7), PREPROCESSING, RECORD)
+"""
+
+
+def start_stalled_save(root: Path) -> subprocess.Popen:
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", STALLED_SAVE, str(root)], stdout=subprocess.PIPE, text=True, cwd=repo
+    )
+    ready, _, _ = select.select([child.stdout], [], [], 180)
+    if not ready or child.stdout.readline().strip() != "writing":
+        child.kill()
+        pytest.fail("the saving process never reached the middle of its save")
+    return child
+
+
+def set_age(path: Path, seconds: float) -> None:
+    moment = time.time() - seconds
+    os.utime(path, (moment, moment))
+
+
+def test_a_killed_save_is_swept_by_the_next_but_a_live_save_never(
+    store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = start_stalled_save(store.root)
+    try:
+        [staging] = store.versions_root.glob(".tmp-*")
+        assert (staging / store_module.WEIGHTS_FILE).exists()
+        set_age(staging, 3600)  # older than any grace period: only the lock protects it
+        first = save(store, 0)
+        assert staging.exists()  # the live save in the other process keeps its folder
+        assert store.sweep_leftovers() == []
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+
+    set_age(staging, 0)  # just written: could be a save that has not locked it yet
+    assert store.sweep_leftovers() == [] and staging.exists()
+
+    set_age(staging, 120)
+    with caplog.at_level(logging.WARNING, logger="mri_assets.core.store"):
+        second = save(store, 1)
+    assert not staging.exists()
+    assert staging.name in caplog.text
+    assert sorted(p.name for p in store.versions_root.iterdir()) == [first, second]
+    assert store.versions() == [first, second]
+    loaded, _ = store.load_version(second)
+    assert weights_fingerprint(loaded) == weights_fingerprint(tiny_model(1))
+
+
+def test_a_staging_folder_killed_before_its_lock_existed_is_swept(store: ModelStore) -> None:
+    staging = store.versions_root / ".tmp-killed-early"
+    staging.mkdir(parents=True)
+    (staging / "config.json").write_text("{}")
+    set_age(staging, 120)
+
+    assert store.sweep_leftovers() == [staging]
+    assert not staging.exists()
 
 
 def test_code_version_names_package_and_source_hash() -> None:
