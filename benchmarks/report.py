@@ -31,6 +31,8 @@ BUSY_CORES = 0.5  # other processes' load above which a benchmark's figures are 
 
 def verdict(figure: dict[str, Any], bench: dict[str, Any]) -> str:
     text = {True: "met", False: "**not met**"}.get(figure.get("met"), "-")
+    if figure.get("unit") == "MiB":
+        return text  # a memory figure: other processes' load does not change it
     load = bench.get("other_load_cores", 0.0)
     return text + (f" (busy machine: other load {load:.1f} cores)" if load > BUSY_CORES else "")
 
