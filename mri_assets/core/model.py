@@ -45,6 +45,18 @@ EMBEDDED_ARCHITECTURE: dict[str, Any] = {
     "downsample_in_first_stage": False,
 }
 
+# The shape of microsoft/resnet-50 (the checkpoint the original pipeline fine-tunes), for tests
+# and the GPU check, which build it with random weights instead of downloading it.
+RESNET50_ARCHITECTURE: dict[str, Any] = {
+    "num_channels": 3,
+    "embedding_size": 64,
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "depths": [3, 4, 6, 3],
+    "layer_type": "bottleneck",
+    "hidden_act": "relu",
+    "downsample_in_first_stage": False,
+}
+
 
 class UnsafeWeightsError(ValueError):
     """A model folder offers only pickle-based weights, which are never loaded."""
@@ -77,6 +89,12 @@ class BaseModel:
     spec: str  # what MRI_BASE_MODEL said
     source: str  # the folder or hub id the weights were read from
 
+    @property
+    def pretrained(self) -> bool:
+        """True for a checkpoint (hub id or folder), False for the embedded model, whose
+        weights are random: the training recipe differs (train.recommended_config)."""
+        return self.spec.strip() not in ("", EMBEDDED)
+
 
 def label_maps(classes: ClassSpec) -> tuple[dict[int, str], dict[str, int]]:
     """``id2label`` and ``label2id`` in ClassSpec order (logit index = position in names)."""
@@ -91,7 +109,9 @@ def load_base_model(spec: str, classes: ClassSpec, base_root: str | Path) -> Bas
     disk ever after), a local folder written by ``save_pretrained``, or a hub id. Mean, std and
     size come from the model's ``preprocessor_config.json`` (a local folder without one gets
     ImageNet statistics at 224 px). Only safetensors weights are read; a folder holding only
-    pickle weights raises UnsafeWeightsError. A newly initialised head starts at zero.
+    pickle weights raises UnsafeWeightsError. Remote code is never run. A hub id is read through
+    the hub cache, so ``HF_HUB_OFFLINE=1`` works once the model was downloaded; a missing one
+    raises OSError naming MRI_BASE_MODEL. A newly initialised head starts at zero.
     """
     spec = (spec or EMBEDDED).strip()
     if spec == EMBEDDED:
@@ -147,6 +167,19 @@ def ensure_embedded_base(base_root: str | Path) -> Path:
     return folder
 
 
+def random_resnet(
+    architecture: dict[str, Any], num_labels: int = 2, seed: int = 0
+) -> PreTrainedModel:
+    """A ResNetForImageClassification of the given architecture with seeded random weights
+    (e.g. RESNET50_ARCHITECTURE: a ResNet-50-shaped model without any download)."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ResNetForImageClassification(ResNetConfig(**architecture, num_labels=num_labels))
+
+
 def _new_embedded_model() -> PreTrainedModel:
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
@@ -191,25 +224,48 @@ def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
     from transformers import AutoModelForImageClassification
 
     id2label, label2id = label_maps(classes)
-    # A mismatched head (e.g. 1000 ImageNet classes) is re-initialised; seed it for repeatability.
-    with quiet_transformers():
-        model, loading = AutoModelForImageClassification.from_pretrained(
-            str(source),
-            num_labels=len(classes.names),
-            id2label=id2label,
-            label2id=label2id,
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,
-            trust_remote_code=False,
-            dtype=torch.float32,
-            output_loading_info=True,
-        )
+    # A mismatched head (e.g. 1000 ImageNet classes) is re-initialised, then zeroed below.
+    # float32 explicitly: transformers 5 loads a checkpoint in its stored dtype by default.
+    dtype = {_dtype_keyword(): torch.float32}
+    try:
+        with quiet_transformers():
+            model, loading = AutoModelForImageClassification.from_pretrained(
+                str(source),
+                num_labels=len(classes.names),
+                id2label=id2label,
+                label2id=label2id,
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+                **dtype,
+            )
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        raise OSError(
+            f"MRI_BASE_MODEL={source}: no such save_pretrained folder, and the hub model could "
+            + (
+                "not be found in the local hub cache (HF_HUB_OFFLINE is set: download it once "
+                "with network access, or point MRI_BASE_MODEL at a save_pretrained folder)"
+                if offline
+                else "not be loaded (check the id, network access and HF_TOKEN for gated models)"
+            )
+            + f"; only safetensors weights are read. Cause: {error}"
+        ) from error
     if _head_was_reinitialised(model, loading):
         # e.g. a 1000-class ImageNet head replaced by a random two-class one. A head that is not a
         # single Linear layer keeps its random init: still trainable, just not a 0.5 baseline.
         with suppress(ValueError):
             zero_head(model)
     return model.eval()
+
+
+def _dtype_keyword() -> str:
+    """``dtype`` since transformers 4.56, ``torch_dtype`` before (a config attribute there)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
 def _head_was_reinitialised(model: PreTrainedModel, loading: dict[str, Any]) -> bool:
@@ -266,9 +322,12 @@ def refuse_pickle_only(folder: Path) -> None:
 
 def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None:
     """Write ``preprocessor_config.json`` that AutoImageProcessor.from_pretrained can read."""
-    from transformers import ConvNextImageProcessorPil
+    try:  # transformers 5: the PIL-backed class (the plain name wants torchvision there)
+        from transformers import ConvNextImageProcessorPil as ConvNextProcessor
+    except ImportError:  # transformers 4: the plain class is the PIL-backed one
+        from transformers import ConvNextImageProcessor as ConvNextProcessor
 
-    processor = ConvNextImageProcessorPil(
+    processor = ConvNextProcessor(
         size={"shortest_edge": preprocessing.image_size},
         crop_pct=1.0,  # no crop: resize only, as preprocess_pixels does
         image_mean=list(preprocessing.mean),
@@ -313,7 +372,11 @@ PREPROCESSING_VERSION = "uint8-antialiased-resize"
 
 
 def preprocess_pixels(
-    pixels: list[np.ndarray], preprocessing: Preprocessing, chunk: int = 64
+    pixels: list[np.ndarray],
+    preprocessing: Preprocessing,
+    chunk: int = 64,
+    *,
+    pin_memory: bool = False,
 ) -> torch.Tensor:
     """Cached (H, W, 3) uint8 RGB arrays -> normalised float32 batch (N, 3, S, S).
 
@@ -321,12 +384,13 @@ def preprocess_pixels(
     list of mixed sizes costs one interpolate call per shape and chunk, never one per image.
     The resize runs on the uint8 pixels (torch's vectorised uint8 path, ~3x faster than float32;
     a resized value differs from the float one by at most one grey level), then normalises.
+    ``pin_memory`` writes the result into page-locked memory, for asynchronous copies to a GPU.
     """
     import torch
     import torch.nn.functional as F
 
     size = preprocessing.image_size
-    out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32)
+    out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32, pin_memory=pin_memory)
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     for indices in _indices_by_shape(pixels):

@@ -6,6 +6,17 @@ Two strategies:
 - ``linear_probe``: the backbone is frozen; each image's pooled backbone embedding is computed
   once (and cached on disk by backbone weights, preprocessing and sha256), then only the
   classifier head trains on those embeddings, so an epoch never runs the backbone.
+
+For a pretrained backbone, ``full`` can start with ``probe_epochs`` of linear probing and train the
+backbone at ``backbone_lr_factor`` times the head's learning rate (``recommended_config``): a
+random head's large early gradients otherwise distort the pretrained features (LP-FT, Kumar et
+al. 2022, https://arxiv.org/abs/2202.10054).
+
+Training runs on ``device`` (core/devices.py). On the CPU (the default) nothing differs from the
+code before devices existed: same operations in the same order, so results stay bit-identical
+for a given seed and thread count. On CUDA it trains in mixed precision with channels_last
+weights, and torch's deterministic-algorithm mode is left off (it would force slow kernels), so
+GPU runs are repeatable only to rounding.
 """
 
 from __future__ import annotations
@@ -14,14 +25,15 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mri_assets.core.allocator import keep_freed_memory_for_reuse
+from mri_assets.core.devices import Placement, fast_cuda_kernels, model_on, placement
 from mri_assets.core.model import (
     PREPROCESSING_VERSION,
     Preprocessing,
@@ -39,6 +51,19 @@ STRATEGIES = ("full", "linear_probe")
 WARMUP_SHARE = 0.2  # of all steps, spent raising the learning rate (one-cycle schedule)
 # A head on fixed features tolerates (and needs) a much larger step than a whole network.
 DEFAULT_LEARNING_RATE = {"full": 3e-3, "linear_probe": 1e-2}
+# The recipe for a pretrained backbone (see recommended_config): a short linear-probe warm start,
+# then the whole network at a lower learning rate, slowest in the backbone. Fewer epochs than
+# from scratch: pretrained features need adapting, not learning.
+PRETRAINED_RECIPE: dict[str, Any] = {
+    "strategy": "full",
+    "epochs": 8,
+    "learning_rate": 1e-3,
+    "probe_epochs": 5,
+    "backbone_lr_factor": 0.1,
+}
+# A GPU keeps the whole preprocessed training set resident when it takes at most this share of
+# the free memory; otherwise batches stream from pinned host memory.
+RESIDENT_SHARE = 0.4
 PixelsLookup = Callable[[list[str]], list[np.ndarray]]
 
 
@@ -61,6 +86,11 @@ class TrainConfig:
     # Results are bit-identical for a given seed and thread count; another count changes the
     # floating-point summation order, so the weights differ slightly.
     num_threads: int | None = None
+    # full strategy only: epochs of linear probing (head only, on cached embeddings) before the
+    # whole network trains; 0 (the embedded model's recipe) skips the warm start.
+    probe_epochs: int = 0
+    # full strategy only: the backbone's learning rate as a share of the head's (1: the same).
+    backbone_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -75,6 +105,13 @@ class TrainConfig:
             raise ValueError(f"image_size must be at least 16, got {self.image_size}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
+        if self.probe_epochs < 0 or (self.probe_epochs and self.strategy != "full"):
+            raise ValueError(
+                f"probe_epochs must be >= 0 and is for the full strategy only, got "
+                f"{self.probe_epochs} with strategy {self.strategy!r}"
+            )
+        if not 0.0 < self.backbone_lr_factor <= 1.0:
+            raise ValueError(f"backbone_lr_factor must be in (0, 1], got {self.backbone_lr_factor}")
 
     @property
     def lr(self) -> float:
@@ -87,6 +124,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "learning_rate": self.lr}
+
+
+def recommended_config(pretrained: bool, **overrides: Any) -> TrainConfig:
+    """The training recipe that fits the base model, with ``overrides`` (TrainConfig fields) on
+    top: TrainConfig's defaults for the embedded model (random weights, trained from scratch),
+    PRETRAINED_RECIPE for a checkpoint (BaseModel.pretrained)."""
+    return TrainConfig(**{**(PRETRAINED_RECIPE if pretrained else {}), **overrides})
 
 
 @dataclass(frozen=True)
@@ -115,6 +159,8 @@ class TrainResult:
     n_validation: int
     stopped_early: bool = False
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32, or the mixed-precision autocast dtype (bf16, fp16)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (no weights) for the training record."""
@@ -128,6 +174,8 @@ class TrainResult:
             "n_validation": self.n_validation,
             "stopped_early": self.stopped_early,
             "notes": self.notes,
+            "device": self.device,
+            "precision": self.precision,
         }
 
 
@@ -142,11 +190,17 @@ class EmbeddingCache:
         self.root = Path(root)
 
     @staticmethod
-    def key(backbone_fingerprint: str, preprocessing: Preprocessing) -> str:
+    def key(
+        backbone_fingerprint: str, preprocessing: Preprocessing, precision: str = "fp32"
+    ) -> str:
+        """Folder name for one backbone, preprocessing and precision. Mixed-precision embeddings
+        differ from float32 ones in the last bits, so they never share a folder (float32 keeps
+        the key it always had)."""
         norm = hashlib.sha256(
             repr((preprocessing.mean, preprocessing.std, PREPROCESSING_VERSION)).encode()
         ).hexdigest()
-        return f"{backbone_fingerprint[:16]}-{preprocessing.image_size}px-{norm[:8]}"
+        key = f"{backbone_fingerprint[:16]}-{preprocessing.image_size}px-{norm[:8]}"
+        return key if precision == "fp32" else f"{key}-{precision}"
 
     def path(self, key: str, sha256: str) -> Path:
         return self.root / key / sha256[:2] / f"{sha256}.npy"
@@ -171,6 +225,9 @@ def fine_tune(
     config: TrainConfig | None = None,
     embedding_cache: EmbeddingCache | None = None,
     log: Callable[[str], None] = print,
+    *,
+    device: str | torch.device | None = None,
+    mixed_precision: bool | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on the images ``sha256s`` with class indices ``labels``.
 
@@ -179,11 +236,16 @@ def fine_tune(
     stratified ``validation_fraction`` of the images picks the best epoch (lowest validation
     loss, early stop after ``early_stopping_patience`` epochs without improvement); those
     weights are restored before returning. Each epoch's metrics go to ``log`` as it ends.
+
+    ``device`` (see core/devices.py; None: the CPU) is where the network runs, in mixed
+    precision on CUDA unless ``mixed_precision`` is False. The model is handed back on the
+    device it came on.
     """
     import torch
 
     config = config or TrainConfig()
     targets = _validated_labels(sha256s, labels)
+    where = placement(device, mixed_precision)
     keep_freed_memory_for_reuse()
     preprocessing = preprocessing.with_size(config.image_size)
     started = time.perf_counter()
@@ -191,8 +253,15 @@ def fine_tune(
     log(
         f"fine-tuning ({config.strategy}) on {len(train_idx)} images, validating on {len(val_idx)}, "
         f"{preprocessing.image_size}px, lr {config.lr:g}, up to {config.epochs} epochs"
+        + ("" if where.is_cpu else f", on {where.device} ({where.precision})")
     )
-    with torch.random.fork_rng(devices=[]), _deterministic(), _threads(config.num_threads):
+    notes: list[str] = []
+    with (
+        torch.random.fork_rng(devices=[]),
+        _deterministic() if where.is_cpu else nullcontext(),
+        _threads(config.num_threads),
+        fast_cuda_kernels(where),
+    ):
         torch.manual_seed(config.seed)
         if config.strategy == "full":
             epochs, best_epoch, stopped_early = _train_full(
@@ -203,7 +272,10 @@ def fine_tune(
                 pixels_lookup,
                 config,
                 (train_idx, val_idx),
+                embedding_cache,
                 log,
+                where,
+                notes,
             )
         else:
             epochs, best_epoch, stopped_early = _train_linear_probe(
@@ -216,10 +288,13 @@ def fine_tune(
                 (train_idx, val_idx),
                 embedding_cache,
                 log,
+                where,
             )
     model.eval()
     duration = time.perf_counter() - started
     log(f"best epoch {best_epoch} of {len(epochs)}; training took {duration:.1f}s")
+    if not len(val_idx):
+        notes.append("no validation slice: the last epoch is kept")
     return TrainResult(
         model,
         preprocessing,
@@ -230,7 +305,9 @@ def fine_tune(
         len(train_idx),
         len(val_idx),
         stopped_early,
-        [] if len(val_idx) else ["no validation slice: the last epoch is kept"],
+        notes,
+        str(where.device),
+        where.precision,
     )
 
 
@@ -242,7 +319,10 @@ def _train_full(
     pixels_lookup: PixelsLookup,
     config: TrainConfig,
     split: tuple[np.ndarray, np.ndarray],
+    embedding_cache: EmbeddingCache | None,
     log: Callable[[str], None],
+    where: Placement,
+    notes: list[str],
 ) -> tuple[list[EpochMetrics], int, bool]:
     """Every weight trains; images are preprocessed to tensors once, augmented per batch."""
     import torch
@@ -250,17 +330,71 @@ def _train_full(
     from mri_assets.core.inference import channels_last
 
     started = time.perf_counter()
-    inputs = preprocess_pixels(pixels_lookup(list(sha256s)), preprocessing)
-    # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
-    inputs = inputs.contiguous(memory_format=torch.channels_last)
+    pixels = pixels_lookup(list(sha256s))
+    if config.probe_epochs:
+        # Warm start: fit the head on frozen features first, from the pixels already in hand.
+        by_sha = dict(zip(sha256s, pixels, strict=True))
+        probe_config = replace(
+            config,
+            strategy="linear_probe",
+            epochs=config.probe_epochs,
+            learning_rate=None,
+            probe_epochs=0,
+            backbone_lr_factor=1.0,
+        )
+        log(f"linear-probe warm start: {config.probe_epochs} epochs on frozen features")
+        probe_epochs, probe_best, _ = _train_linear_probe(
+            model,
+            preprocessing,
+            sha256s,
+            targets,
+            lambda shas: [by_sha[s] for s in shas],
+            probe_config,
+            split,
+            embedding_cache,
+            log,
+            where,
+        )
+        best = probe_epochs[probe_best - 1]
+        notes.append(
+            f"linear-probe warm start: {len(probe_epochs)} epochs, best epoch {probe_best}"
+            + (f" (val loss {best.val_loss:.4f})" if best.val_loss is not None else "")
+        )
+    inputs = preprocess_pixels(pixels, preprocessing, pin_memory=where.is_cuda)
+    del pixels
+    if where.is_cpu:
+        # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    else:
+        inputs = _resident_or_pinned(inputs, where, log)
     log(f"{len(sha256s)} images preprocessed in {time.perf_counter() - started:.1f}s")
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # augmentation returns contiguous batches
         return model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits
 
-    loop = _TrainingLoop(model, forward, config, augment=config.augment)
-    with channels_last(model):
+    loop = _TrainingLoop(model, forward, config, augment=config.augment, where=where)
+    if config.backbone_lr_factor != 1.0:
+        head = {id(p) for p in model.classifier.parameters()}
+        loop.parameter_groups = [
+            ([p for p in model.parameters() if id(p) not in head], config.backbone_lr_factor),
+            ([p for p in model.parameters() if id(p) in head], 1.0),
+        ]
+    with model_on(model, where), channels_last(model):
         return loop.run(inputs, torch.from_numpy(targets), *split, log)
+
+
+def _resident_or_pinned(
+    inputs: torch.Tensor, where: Placement, log: Callable[[str], None]
+) -> torch.Tensor:
+    """The preprocessed set on the GPU when it fits comfortably (one copy, no per-batch
+    transfers), else left in pinned host memory to stream batch by batch."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(where.device)
+    if inputs.numel() * inputs.element_size() <= RESIDENT_SHARE * free:
+        return where.to_device(inputs)
+    log("training set larger than the GPU's spare memory: streaming batches from pinned memory")
+    return inputs
 
 
 def _train_linear_probe(
@@ -273,17 +407,22 @@ def _train_linear_probe(
     split: tuple[np.ndarray, np.ndarray],
     embedding_cache: EmbeddingCache | None,
     log: Callable[[str], None],
+    where: Placement,
 ) -> tuple[list[EpochMetrics], int, bool]:
     """Backbone frozen; a linear head trains on standardised embeddings, then is folded back.
 
     Raw pooled features of an untrained or foreign backbone can have any scale; standardising
     them (train-slice mean/std) makes one learning rate work for all, and folding the scaling into
-    the head's weights leaves the model's architecture unchanged.
+    the head's weights leaves the model's architecture unchanged. Only the embeddings are
+    computed on ``where``: the head trains on the CPU, where a linear layer over cached features
+    costs next to nothing.
     """
     import torch
 
     features = torch.from_numpy(
-        cached_embeddings(model, preprocessing, sha256s, pixels_lookup, embedding_cache, log)
+        cached_embeddings(
+            model, preprocessing, sha256s, pixels_lookup, embedding_cache, log, where=where
+        )
     )
     train_features = features[torch.from_numpy(split[0])]
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
@@ -296,8 +435,9 @@ def _train_linear_probe(
     loop = _TrainingLoop(probe, probe, config, augment=False)
     result = loop.run((features - mean) / std, torch.from_numpy(targets), *split, log)
     with torch.no_grad():  # W((x - mean) / std) + b == (W / std) x + (b - W (mean / std))
-        head.weight.copy_(probe.weight / std)
-        head.bias.copy_(probe.bias - probe.weight @ (mean / std))
+        weight, bias = probe.weight / std, probe.bias - probe.weight @ (mean / std)
+        head.weight.copy_(weight.to(head.weight.device))
+        head.bias.copy_(bias.to(head.bias.device))
     return result
 
 
@@ -331,25 +471,39 @@ def cached_embeddings(
     log: Callable[[str], None] = print,
     batch_size: int = 32,
     chunk_size: int = 512,
+    *,
+    where: Placement | None = None,
 ) -> np.ndarray:
     """Pooled backbone embeddings (N, D) of ``sha256s``; the backbone runs once per uncached image.
 
     Batches of 32: on CPU a ResNet-50 at 224 px runs ~1.4x faster per image than in batches of
     64, whose activations no longer fit the caches (benchmarks/training.py). Pixels are looked
     up ``chunk_size`` images at a time, which bounds memory and the number of ``embed`` calls
-    (each converts the weights to channels_last and back).
+    (each converts the weights to channels_last and back). ``where`` (default: the CPU in
+    float32) is where the backbone runs; its precision is part of the cache key.
     """
     from mri_assets.core.inference import embed
 
+    where = where or placement("cpu")
     unique = list(dict.fromkeys(sha256s))
-    key = EmbeddingCache.key(weights_fingerprint(model.base_model), preprocessing) if cache else ""
+    key = (
+        EmbeddingCache.key(weights_fingerprint(model.base_model), preprocessing, where.precision)
+        if cache
+        else ""
+    )
     missing = [sha for sha in unique if not (cache and cache.has(key, sha))]
     computed: dict[str, np.ndarray] = {}
     for start in range(0, len(missing), chunk_size):
         chunk = missing[start : start + chunk_size]
-        for sha, vector in zip(
-            chunk, embed(model, preprocessing, pixels_lookup(chunk), batch_size), strict=True
-        ):
+        vectors = embed(
+            model,
+            preprocessing,
+            pixels_lookup(chunk),
+            batch_size,
+            device=where.device,
+            mixed_precision=where.amp_dtype is not None,
+        )
+        for sha, vector in zip(chunk, vectors, strict=True):
             computed[sha] = vector
             if cache:
                 cache.put(key, sha, vector)
@@ -430,7 +584,11 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 class _TrainingLoop:
-    """Mini-batch AdamW with a one-cycle schedule over ``trainable``'s parameters."""
+    """Mini-batch AdamW with a one-cycle schedule over ``trainable``'s parameters.
+
+    ``parameter_groups`` (set after construction) splits the parameters into groups, each with
+    a factor on the learning rate; None trains them all at the configured rate.
+    """
 
     def __init__(
         self,
@@ -438,6 +596,7 @@ class _TrainingLoop:
         forward: Callable[[torch.Tensor], torch.Tensor],
         config: TrainConfig,
         augment: bool,
+        where: Placement | None = None,
     ) -> None:
         import torch
 
@@ -447,9 +606,36 @@ class _TrainingLoop:
             config,
             augment,
         )
+        self.where = where or placement("cpu")
+        self.parameter_groups: list[tuple[list[torch.nn.Parameter], float]] | None = None
         self.generator = torch.Generator().manual_seed(config.seed)
         for parameter in trainable.parameters():
             parameter.requires_grad_(True)
+
+    def _optimizer(
+        self, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        import torch
+
+        config = self.config
+        if self.parameter_groups is None:
+            optimizer = torch.optim.AdamW(
+                [p for p in self.trainable.parameters() if p.requires_grad],
+                lr=config.lr,
+                weight_decay=config.weight_decay,
+            )
+            max_lr: float | list[float] = config.lr
+        else:
+            groups = [
+                {"params": [p for p in params if p.requires_grad], "lr": config.lr * factor}
+                for params, factor in self.parameter_groups
+            ]
+            optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+            max_lr = [group["lr"] for group in groups]
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=WARMUP_SHARE
+        )
+        return optimizer, schedule
 
     def run(
         self,
@@ -463,24 +649,22 @@ class _TrainingLoop:
 
         config = self.config
         steps_per_epoch = max(1, -(-len(train_idx) // config.batch_size))
-        optimizer = torch.optim.AdamW(
-            [p for p in self.trainable.parameters() if p.requires_grad],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-            pct_start=WARMUP_SHARE,
-        )
+        optimizer, schedule = self._optimizer(config.epochs * steps_per_epoch)
         # Validation loss swings wildly while the learning rate climbs; patience starts after.
         warmup_epochs = math.ceil(WARMUP_SHARE * config.epochs)
-        train_x, train_y = inputs[torch.from_numpy(train_idx)], targets[torch.from_numpy(train_idx)]
-        val_x, val_y = inputs[torch.from_numpy(val_idx)], targets[torch.from_numpy(val_idx)]
+        if not self.where.is_cpu:
+            targets = self.where.to_device(targets)
+        train_rows = torch.from_numpy(train_idx).to(inputs.device)
+        val_rows = torch.from_numpy(val_idx).to(inputs.device)
+        train_x, val_x = inputs[train_rows], inputs[val_rows]
+        train_y = targets[torch.from_numpy(train_idx).to(targets.device)]
+        val_y = targets[torch.from_numpy(val_idx).to(targets.device)]
+        train_epoch = self._train_epoch if self.where.is_cpu else self._train_epoch_on_device
         history: list[EpochMetrics] = []
         best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
-            train_loss = self._train_epoch(train_x, train_y, optimizer, schedule)
+            train_loss = train_epoch(train_x, train_y, optimizer, schedule)
             val_loss, val_auc, val_acc = self._validate(val_x, val_y)
             metrics = EpochMetrics(
                 epoch, train_loss, val_loss, val_auc, val_acc, time.perf_counter() - started
@@ -507,6 +691,7 @@ class _TrainingLoop:
         optimizer: torch.optim.Optimizer,
         schedule: torch.optim.lr_scheduler.LRScheduler,
     ) -> float:
+        """One epoch on the CPU, in float32 (the reference path: keep it bit-identical)."""
         import torch
         import torch.nn.functional as F
 
@@ -528,6 +713,46 @@ class _TrainingLoop:
             seen += batch.numel()
         return total / max(seen, 1)
 
+    def _train_epoch_on_device(
+        self,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+    ) -> float:
+        """One epoch on a GPU (or MPS): the same batches and augmentation draws as on the CPU
+        (the CPU generator draws them), mixed precision, and no host sync until the epoch ends
+        (the running loss stays on the device)."""
+        import torch
+        import torch.nn.functional as F
+
+        where = self.where
+        scaler = where.grad_scaler()
+        self.trainable.train()
+        order = torch.randperm(train_x.shape[0], generator=self.generator)
+        total = torch.zeros((), dtype=torch.float64, device=where.device)
+        seen = 0
+        for start in range(0, order.numel(), self.config.batch_size):
+            batch = order[start : start + self.config.batch_size]
+            if batch.numel() < 2:
+                schedule.step()
+                continue
+            x = train_x[batch.to(train_x.device)]
+            x = where.to_device(where.pin(x))  # no-op when the set is resident on the device
+            if self.augment:
+                x = augment_batch(x, self.generator)
+            with where.autocast():
+                logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), train_y[batch.to(train_y.device)])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            total += loss.detach().double() * batch.numel()
+            seen += batch.numel()
+        return float(total) / max(seen, 1)
+
     def _validate(
         self, val_x: torch.Tensor, val_y: torch.Tensor
     ) -> tuple[float | None, float | None, float | None]:
@@ -538,11 +763,21 @@ class _TrainingLoop:
 
         if val_x.shape[0] == 0:
             return None, None, None
+        where = self.where
         self.trainable.eval()
         with torch.inference_mode():
-            logits = torch.cat(
-                [self.forward(val_x[i : i + 128]) for i in range(0, val_x.shape[0], 128)]
-            )
+            if where.is_cpu:
+                logits = torch.cat(
+                    [self.forward(val_x[i : i + 128]) for i in range(0, val_x.shape[0], 128)]
+                )
+            else:
+                parts = []
+                for i in range(0, val_x.shape[0], 128):
+                    with where.autocast():
+                        part = self.forward(where.to_device(where.pin(val_x[i : i + 128])))
+                    parts.append(part.float())
+                logits = torch.cat(parts).cpu()
+                val_y = val_y.cpu()
         loss = float(F.cross_entropy(logits, val_y))
         accuracy = float((logits.argmax(dim=1) == val_y).float().mean())
         truth = val_y.numpy() == 1
@@ -557,7 +792,9 @@ class _TrainingLoop:
 def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flips plus a small rotation/scale/shift per image (seeded by ``generator``).
 
-    Out-of-image pixels repeat the border, which in a scan is background, not a grey fill.
+    Out-of-image pixels repeat the border, which in a scan is background, not a grey fill. The
+    draws come from the CPU ``generator`` whatever device ``batch`` is on, so a GPU run sees the
+    same augmentations as a CPU run with the same seed.
     """
     import math
 
@@ -576,7 +813,7 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tens
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1
-    )
+    ).to(batch.device, batch.dtype)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +16,13 @@ import torch.nn.functional as F
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from mri_assets.core import model as model_module
+from mri_assets.core.inference import predict_probabilities
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.model import (
     EMBEDDED_IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RESNET50_ARCHITECTURE,
     Preprocessing,
     UnsafeWeightsError,
     load_base_model,
@@ -25,6 +31,7 @@ from mri_assets.core.model import (
     save_preprocessing,
     weights_fingerprint,
 )
+from mri_assets.core.train import fine_tune, recommended_config
 
 CLASSES = ClassSpec()
 
@@ -217,3 +224,99 @@ def test_weights_fingerprint_sees_a_single_changed_weight() -> None:
         model.classifier[1].bias[0] += 1e-3
 
     assert weights_fingerprint(model) != before
+
+
+@pytest.fixture(scope="module")
+def resnet50_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-50-shaped ImageNet-style checkpoint (1000 classes, random weights) on disk."""
+    folder = tmp_path_factory.mktemp("resnet-50-random")
+    model_module.random_resnet(RESNET50_ARCHITECTURE, num_labels=1000).save_pretrained(folder)
+    save_preprocessing(Preprocessing(224), folder)
+    return folder
+
+
+def test_resnet50_shaped_checkpoint_loads_trains_an_epoch_and_predicts(
+    resnet50_checkpoint: Path, tmp_path: Path
+) -> None:
+    base = load_base_model(str(resnet50_checkpoint), CLASSES, tmp_path / "base")
+    assert base.pretrained and base.model.config.num_labels == 2
+    assert base.model.config.id2label == {0: "glioma", 1: "meningioma"}
+    assert torch.count_nonzero(base.model.classifier[1].weight) == 0  # 1000-class head replaced
+    assert base.model.classifier[1].weight.shape == (2, 2048)
+    assert next(base.model.parameters()).dtype == torch.float32
+    assert not any(resnet50_checkpoint.glob("*.bin"))  # it was read from safetensors
+    rng = np.random.default_rng(0)
+    labels = [i % 2 for i in range(24)]
+    pixels = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in labels]
+    for image, label in zip(pixels, labels, strict=True):
+        image[4 + 20 * label : 16 + 20 * label, 4:16] = 255  # something to learn
+    sha256s = [f"{i:064d}" for i in range(24)]
+    by_sha = dict(zip(sha256s, pixels, strict=True))
+
+    result = fine_tune(
+        base.model,
+        base.preprocessing,
+        sha256s,
+        labels,
+        lambda shas: [by_sha[s] for s in shas],
+        recommended_config(True, epochs=1, probe_epochs=1, image_size=32, batch_size=8),
+        log=lambda _: None,
+    )
+    probs = predict_probabilities(result.model, result.preprocessing, pixels)
+
+    assert len(result.epochs) == 1 and result.preprocessing.image_size == 32
+    assert probs.shape == (24, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(probs, 0.5)  # the zeroed head trained
+    assert all(p.is_contiguous() for p in result.model.parameters())
+
+
+def test_from_pretrained_gets_the_dtype_keyword_its_transformers_knows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    assert model_module._dtype_keyword() == "torch_dtype"
+    monkeypatch.setattr(transformers, "__version__", "4.56.0")
+    assert model_module._dtype_keyword() == "dtype"
+    monkeypatch.setattr(transformers, "__version__", "5.0.0.dev0")
+    assert model_module._dtype_keyword() == "dtype"
+
+
+def test_preprocessing_is_saved_without_the_transformers_5_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    older = types.ModuleType("transformers")  # transformers 4: no ConvNextImageProcessorPil
+    older.ConvNextImageProcessor = transformers.ConvNextImageProcessorPil
+    monkeypatch.setitem(sys.modules, "transformers", older)
+    wanted = Preprocessing(64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+    save_preprocessing(wanted, tmp_path)
+
+    assert read_preprocessing(tmp_path) == wanted
+
+
+def test_uncached_hub_model_offline_names_the_setting(tmp_path: Path) -> None:
+    # A subprocess: huggingface_hub reads HF_HUB_OFFLINE and HF_HOME when first imported.
+    script = (
+        "from mri_assets.core.labels import ClassSpec\n"
+        "from mri_assets.core.model import load_base_model\n"
+        "try:\n"
+        "    load_base_model('example-org/not-cached-resnet', ClassSpec(), 'base')\n"
+        "except OSError as error:\n"
+        "    print('OSError:', error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert "OSError: MRI_BASE_MODEL=example-org/not-cached-resnet" in done.stdout, done.stderr
+    assert "HF_HUB_OFFLINE is set" in done.stdout

@@ -20,6 +20,7 @@ from mri_assets.core.train import (
     TrainConfig,
     data_snapshot_hash,
     fine_tune,
+    recommended_config,
     stratified_split,
     training_record,
 )
@@ -268,3 +269,119 @@ def test_training_record_and_snapshot_hash(base, train_set) -> None:
     assert record["config"]["strategy"] == "linear_probe"
     assert record["config"]["learning_rate"] == 0.01
     assert len(record["epochs"]) == 1 and record["positive_class"] == "meningioma"
+
+
+def test_cpu_device_is_exactly_the_default_path(base, train_set, monkeypatch) -> None:
+    # The CPU path must not change with devices: the default, an explicit "cpu" and "auto" on a
+    # machine without an accelerator give the same weights and losses, bit for bit.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("mri_assets.core.devices._mps_available", lambda: False)
+    sha256s, labels, pixels = train_set
+    results = []
+    for strategy in ("full", "linear_probe"):
+        config = TrainConfig(strategy=strategy, epochs=2, image_size=SIZE, num_threads=1)
+        for device in ({}, {"device": "cpu"}, {"device": "auto"}):
+            result = fine_tune(
+                copy.deepcopy(base.model),
+                base.preprocessing,
+                sha256s,
+                labels,
+                Lookup(sha256s, pixels),
+                config,
+                log=lambda _: None,
+                **device,
+            )
+            probs = predict_probabilities(result.model, result.preprocessing, pixels, **device)
+            results.append((strategy, result, probs))
+    for strategy in ("full", "linear_probe"):
+        runs = [(r, p) for s, r, p in results if s == strategy]
+        reference, reference_probs = runs[0]
+        assert reference.summary()["device"] == "cpu"
+        assert reference.summary()["precision"] == "fp32"
+        for result, probs in runs[1:]:
+            assert weights_fingerprint(result.model) == weights_fingerprint(reference.model)
+            assert [e.train_loss for e in result.epochs] == [e.train_loss for e in reference.epochs]
+            assert [e.val_loss for e in result.epochs] == [e.val_loss for e in reference.epochs]
+            assert np.array_equal(probs, reference_probs)
+
+
+def test_unavailable_device_fails_before_any_training(base, train_set) -> None:
+    lookup = Lookup(train_set[0], train_set[2])
+
+    with pytest.raises(ValueError, match="MRI_DEVICE"):
+        fine_tune(
+            copy.deepcopy(base.model),
+            base.preprocessing,
+            train_set[0],
+            train_set[1],
+            lookup,
+            TrainConfig(epochs=1, image_size=SIZE),
+            log=lambda _: None,
+            device="tpu",
+        )
+    assert lookup.requests == []
+
+
+def test_warm_start_probes_the_head_then_trains_the_backbone_more_slowly(
+    base, train_set, test_set, tmp_path: Path
+) -> None:
+    def backbone_change(result) -> float:
+        before = dict(base.model.resnet.named_parameters())
+        return sum(
+            float((p.detach() - before[name].detach()).abs().sum())
+            for name, p in result.model.resnet.named_parameters()
+        )
+
+    lines: list[str] = []
+    cache = EmbeddingCache(tmp_path / "embeddings")
+    lookup = Lookup(train_set[0], train_set[2])
+    slow = run(
+        base,
+        train_set,
+        TrainConfig(epochs=3, image_size=SIZE, probe_epochs=3, backbone_lr_factor=0.05),
+        cache,
+        log=lines.append,
+        lookup=lookup,
+    )
+    same_rate = run(base, train_set, TrainConfig(epochs=3, image_size=SIZE, probe_epochs=3))
+
+    assert any(line.startswith("linear-probe warm start") for line in lines)
+    assert any("warm start: 3 epochs" in note for note in slow.notes)
+    assert len(slow.epochs) == 3  # the full phase; the probe's epochs are in the notes
+    assert sorted(lookup.requests) == sorted(train_set[0])  # still one lookup per image
+    assert len(list((tmp_path / "embeddings").rglob("*.npy"))) == len(train_set[0])
+    assert 0 < backbone_change(slow) < 0.25 * backbone_change(same_rate)
+    # At least what the probe alone reaches on this random backbone (see the linear_probe test).
+    assert held_out_auc(slow, test_set) > 0.9
+
+
+def test_recommended_config_fits_the_base() -> None:
+    assert recommended_config(pretrained=False) == TrainConfig()
+    pretrained = recommended_config(pretrained=True)
+    assert pretrained.strategy == "full" and pretrained.probe_epochs > 0
+    assert pretrained.backbone_lr_factor < 1 and pretrained.lr < TrainConfig().lr
+    assert recommended_config(pretrained=True, epochs=1, seed=3).epochs == 1
+    assert TrainConfig().probe_epochs == 0 and TrainConfig().backbone_lr_factor == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"strategy": "linear_probe", "probe_epochs": 2},
+        {"probe_epochs": -1},
+        {"backbone_lr_factor": 0.0},
+        {"backbone_lr_factor": 1.5},
+    ],
+)
+def test_config_rejects_bad_warm_start_settings(kwargs) -> None:
+    with pytest.raises(ValueError, match="probe_epochs|backbone_lr_factor"):
+        TrainConfig(**kwargs)
+
+
+def test_embedding_cache_key_keeps_float32_and_separates_mixed_precision(base) -> None:
+    fingerprint = weights_fingerprint(base.model.resnet)
+
+    fp32 = EmbeddingCache.key(fingerprint, base.preprocessing)
+
+    assert EmbeddingCache.key(fingerprint, base.preprocessing, "fp32") == fp32
+    assert EmbeddingCache.key(fingerprint, base.preprocessing, "bf16") == f"{fp32}-bf16"
