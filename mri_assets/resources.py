@@ -13,32 +13,42 @@ from pathlib import Path
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
+from pydantic import Field, PrivateAttr
 
 from mri_assets.core.catalog import exclusive_lock
 from mri_assets.core.landing import Landing, LocalLanding, S3Landing
 from mri_assets.core.pixel_cache import PixelCache
-from mri_assets.settings import Settings
+from mri_assets.settings import SETTING, Settings
 
 
 class MriSettingsResource(dg.ConfigurableResource):
     """Pipeline settings; unset fields come from MRI_* environment variables (see the README)."""
 
-    home: str | None = None
-    base_model: str | None = None
-    classes: str | None = None
-    positive_class: str | None = None
-    promotion_margin: float | None = None
+    home: str | None = Field(default=None, description=SETTING["MRI_HOME"].help)
+    base_model: str | None = Field(default=None, description=SETTING["MRI_BASE_MODEL"].help)
+    classes: str | None = Field(default=None, description=SETTING["MRI_CLASSES"].help)
+    positive_class: str | None = Field(default=None, description=SETTING["MRI_POSITIVE_CLASS"].help)
+    promotion_margin: float | None = Field(
+        default=None, description=SETTING["MRI_PROMOTION_MARGIN"].help
+    )
+    _resolved: Settings | None = PrivateAttr(default=None)
 
     def resolve(self) -> Settings:
-        overrides = {
-            "MRI_HOME": self.home,
-            "MRI_BASE_MODEL": self.base_model,
-            "MRI_CLASSES": self.classes,
-            "MRI_POSITIVE_CLASS": self.positive_class,
-            "MRI_PROMOTION_MARGIN": None if self.promotion_margin is None else str(self.promotion_margin),
-        }
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        return Settings.from_env({**os.environ, **overrides}) if overrides else Settings.from_env()
+        """The settings, read from the environment on first use and kept by this instance
+        (Dagster builds resources afresh for each run, so a run sees its own environment)."""
+        if self._resolved is None:
+            overrides = {
+                "MRI_HOME": self.home,
+                "MRI_BASE_MODEL": self.base_model,
+                "MRI_CLASSES": self.classes,
+                "MRI_POSITIVE_CLASS": self.positive_class,
+                "MRI_PROMOTION_MARGIN": (
+                    None if self.promotion_margin is None else str(self.promotion_margin)
+                ),
+            }
+            given = {k: v for k, v in overrides.items() if v is not None}
+            self._resolved = Settings.from_env({**os.environ, **given})
+        return self._resolved
 
 
 class LandingZoneResource(dg.ConfigurableResource):
@@ -99,14 +109,19 @@ class SlackAlerts(dg.ConfigurableResource):
     ``api_url`` (MRI_SLACK_API_URL) points the client at a Slack-compatible endpoint.
     """
 
-    channel: str | None = None
-    api_url: str | None = None
+    channel: str | None = Field(default=None, description=SETTING["MRI_SLACK_CHANNEL"].help)
+    api_url: str | None = Field(default=None, description=SETTING["MRI_SLACK_API_URL"].help)
     timeout_seconds: int = 10
     settings: dg.ResourceDependency[MriSettingsResource]
 
+    def dagster_url(self) -> str:
+        """Base URL of the Dagster UI, for the run link every message carries."""
+        return self.settings.resolve().dagster_url
+
     def post(self, text: str, log=None) -> bool:
         """Send ``text``; True when Slack accepted it. Errors are logged, never raised."""
-        channel = self.channel or self.settings.resolve().slack_channel
+        settings = self.settings.resolve()
+        channel = self.channel or settings.slack_channel
         token = dg.EnvVar("SLACK_BOT_TOKEN").get_value()
         if not token:
             if log is not None:
@@ -116,7 +131,7 @@ class SlackAlerts(dg.ConfigurableResource):
 
         client = SlackResource(token=token).get_client()
         client.timeout = self.timeout_seconds
-        api_url = self.api_url or dg.EnvVar("MRI_SLACK_API_URL").get_value()
+        api_url = self.api_url or settings.slack_api_url
         if api_url:
             client.base_url = api_url if api_url.endswith("/") else api_url + "/"
         try:
@@ -124,12 +139,16 @@ class SlackAlerts(dg.ConfigurableResource):
             return True
         except Exception as error:  # noqa: BLE001 - an alert outage must never fail the pipeline
             if log is not None:
-                log.warning(f"Slack post to {channel} failed ({type(error).__name__}: {error}); message was: {text}")
+                log.warning(
+                    f"Slack post to {channel} failed ({type(error).__name__}: {error}); "
+                    f"message was: {text}"
+                )
             return False
 
 
 class ModelStoreResource(dg.ConfigurableResource):
-    """Model versions, the deployed pointer, the base model and embedding caches ($MRI_HOME/models)."""
+    """Model versions, the deployed pointer and base models ($MRI_HOME/models); the linear-probe
+    embedding cache lives beside it ($MRI_HOME/embeddings)."""
 
     root: str | None = None
     settings: dg.ResourceDependency[MriSettingsResource]

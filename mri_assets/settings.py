@@ -1,39 +1,162 @@
-"""Every setting in one place: environment variables with embedded defaults.
+"""Every environment setting, defined once: name, default, help text and validation.
 
-Read when a resource is used (never at import), so `dagster dev` picks up the environment of the
-process that runs the work. Secrets (SLACK_BOT_TOKEN, AWS keys) are not here: they are read only
-where they are used, through dagster's EnvVar or boto3's own chain.
+`SETTINGS` drives `Settings.from_env` (what the code reads), the descriptions of
+`MriSettingsResource`'s fields (what the Dagster UI shows) and the README's settings table (a test
+compares it with `settings_table()`). Values are read when a resource is used, never at import, so
+`dagster dev` picks up the environment of the process that runs the work. Secrets
+(SLACK_BOT_TOKEN, AWS keys) are documented here but read only where they are used, through
+Dagster's EnvVar or boto3's own chain.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mri_assets.core.labels import ClassSpec
 
-DEFAULT_HOME = ".mri"
 
-# name -> (default, what it means); a test keeps the README's settings table in step with this.
-SETTINGS_HELP: dict[str, tuple[str, str]] = {
-    "MRI_HOME": (DEFAULT_HOME, "Folder for local state: DuckDB file, local landing zone, pixel cache, model store."),
-    "MRI_LANDING": ("$MRI_HOME/landing", "Landing zone: a local folder or s3://bucket/prefix (train/** and test/** below it)."),
-    "MRI_BASE_MODEL": ("embedded", "Base model: `embedded` (small ResNet made locally), a hub id such as microsoft/resnet-50, or a save_pretrained folder."),
-    "MRI_CLASSES": ("glioma,meningioma", "The two class names, comma-separated, in logit order."),
-    "MRI_POSITIVE_CLASS": ("meningioma", "The class whose probability ROC AUC scores."),
-    "MRI_PROMOTION_MARGIN": ("0.005", "AUC a candidate must gain over the deployed model and the baseline to be promoted."),
-    "MRI_MAX_IMAGE_PIXELS": ("50000000", "Decompression-bomb guard: larger images are rejected as too_large."),
-    "MRI_SLACK_CHANNEL": ("#mri-models", "Slack channel for promotion, refusal and failure messages."),
-    "SLACK_BOT_TOKEN": ("(unset)", "Slack bot token (secret). Unset: messages go to the run log instead."),
-    "MRI_SLACK_API_URL": ("(unset)", "Slack Web API base URL, for a Slack-compatible endpoint or a local test server."),
-    "AWS_ENDPOINT_URL": ("(unset)", "S3-compatible endpoint (MinIO, moto, ...); with the usual AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION."),
-}
+def _folder(raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return raw.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable.
+
+    ``default`` is the raw value used when the variable is unset or empty (None: no value);
+    ``shown_default`` is the README's default cell when it is not simply ``default``; ``parse``
+    turns the raw text into the value and raises ValueError when it is not valid.
+    ``read_here`` is False for variables read elsewhere (secrets, boto3, Dagster itself), listed
+    so that the README documents them from the same place.
+    """
+
+    name: str
+    help: str
+    default: str | None = None
+    shown_default: str | None = None
+    parse: Callable[[str], Any] = str
+    read_here: bool = True
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        raw = env.get(self.name) or self.default
+        if raw is None:
+            return None
+        try:
+            return self.parse(raw)
+        except ValueError as error:
+            raise ValueError(f"{self.name}={raw!r} is not valid: {error} ({self.help})") from error
+
+    def readme_row(self) -> str:
+        shown = self.shown_default or (f"`{self.default}`" if self.default else "(unset)")
+        return f"| `{self.name}` | {shown} | {self.help} |"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "MRI_HOME",
+        "Folder for local state: DuckDB file, local landing zone, pixel cache, model store.",
+        default=".mri",
+        parse=_folder,
+    ),
+    Setting(
+        "MRI_LANDING",
+        "Landing zone: a local folder or `s3://bucket/prefix` (`train/**` and `test/**` below it).",
+        shown_default="`$MRI_HOME/landing`",
+    ),
+    Setting(
+        "MRI_BASE_MODEL",
+        "Base model: `embedded` (small ResNet made locally), a hub id such as "
+        "`microsoft/resnet-50`, or a `save_pretrained` folder.",
+        default="embedded",
+    ),
+    Setting(
+        "MRI_CLASSES",
+        "The two class names, comma-separated, in logit order.",
+        default="glioma,meningioma",
+    ),
+    Setting(
+        "MRI_POSITIVE_CLASS",
+        "The class whose probability ROC AUC scores.",
+        shown_default="the second class (`meningioma`)",
+    ),
+    Setting(
+        "MRI_PROMOTION_MARGIN",
+        "AUC a candidate must gain over the deployed model and the baseline to be promoted.",
+        default="0.005",
+        parse=float,
+    ),
+    Setting(
+        "MRI_MAX_IMAGE_PIXELS",
+        "Decompression-bomb guard: larger images are rejected as `too_large`.",
+        default="50000000",
+        parse=_positive_int,
+    ),
+    Setting(
+        "MRI_SLACK_CHANNEL",
+        "Slack channel for promotion, refusal and failure messages.",
+        default="#mri-models",
+    ),
+    Setting(
+        "MRI_DAGSTER_URL",
+        "Base URL of the Dagster UI; every Slack message links to its run there.",
+        default="http://127.0.0.1:3000",
+        parse=_http_url,
+    ),
+    Setting(
+        "SLACK_BOT_TOKEN",
+        "Slack bot token (secret). Unset: messages go to the run log instead.",
+        read_here=False,
+    ),
+    Setting(
+        "MRI_SLACK_API_URL",
+        "Slack Web API base URL, for a Slack-compatible endpoint or a local test server.",
+        parse=_http_url,
+    ),
+    Setting(
+        "AWS_ENDPOINT_URL",
+        "S3-compatible endpoint (MinIO, moto, ...); with the usual `AWS_ACCESS_KEY_ID`, "
+        "`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`.",
+        read_here=False,
+    ),
+    Setting(
+        "DAGSTER_HOME",
+        "Dagster instance folder; `make dev` copies `dagster.yaml` into it.",
+        shown_default="`.dagster_home` (in `make dev`)",
+        read_here=False,
+    ),
+)
+
+SETTING = {s.name: s for s in SETTINGS}
+
+
+def settings_table() -> str:
+    """The README's settings table, row for row."""
+    return "\n".join(
+        ["| variable | default | meaning |", "|---|---|---|", *(s.readme_row() for s in SETTINGS)]
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
+    """The settings a run uses, read and validated from the environment (see SETTINGS)."""
+
     home: Path
     landing: str
     base_model: str
@@ -41,19 +164,28 @@ class Settings:
     promotion_margin: float
     max_image_pixels: int
     slack_channel: str
+    dagster_url: str
+    slack_api_url: str | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Every setting of ``env`` (default: the process environment), defaults filled in.
+
+        Raises ValueError naming the variable when a value is not valid.
+        """
         env = os.environ if env is None else env
-        home = Path(env.get("MRI_HOME") or DEFAULT_HOME).expanduser().resolve()
+        value = {s.name: s.read(env) for s in SETTINGS if s.read_here}
+        home = value["MRI_HOME"]
         return cls(
             home=home,
-            landing=env.get("MRI_LANDING") or str(home / "landing"),
-            base_model=env.get("MRI_BASE_MODEL") or "embedded",
-            classes=ClassSpec.parse(env.get("MRI_CLASSES"), env.get("MRI_POSITIVE_CLASS")),
-            promotion_margin=_number(env, "MRI_PROMOTION_MARGIN", 0.005, float),
-            max_image_pixels=_number(env, "MRI_MAX_IMAGE_PIXELS", 50_000_000, int),
-            slack_channel=env.get("MRI_SLACK_CHANNEL") or "#mri-models",
+            landing=value["MRI_LANDING"] or str(home / "landing"),
+            base_model=value["MRI_BASE_MODEL"],
+            classes=ClassSpec.parse(value["MRI_CLASSES"], value["MRI_POSITIVE_CLASS"]),
+            promotion_margin=value["MRI_PROMOTION_MARGIN"],
+            max_image_pixels=value["MRI_MAX_IMAGE_PIXELS"],
+            slack_channel=value["MRI_SLACK_CHANNEL"],
+            dagster_url=value["MRI_DAGSTER_URL"],
+            slack_api_url=value["MRI_SLACK_API_URL"],
         )
 
     @property
@@ -71,13 +203,3 @@ class Settings:
     @property
     def model_store_dir(self) -> Path:
         return self.home / "models"
-
-
-def _number(env: Mapping[str, str], name: str, default, kind):
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return kind(raw)
-    except ValueError as error:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from error

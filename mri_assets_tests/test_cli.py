@@ -26,16 +26,46 @@ def store_with_two_versions(mri_env):
 
 def test_make_dataset_is_deterministic(tmp_path, capsys):
     for name in ("a", "b"):
-        assert main(["make-dataset", str(tmp_path / name), "--glioma", "3", "--meningioma", "2",
-                     "--size", "64", "--quiet"]) == 0
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+        assert (
+            main(
+                [
+                    "make-dataset",
+                    str(tmp_path / name),
+                    "--glioma",
+                    "3",
+                    "--meningioma",
+                    "2",
+                    "--size",
+                    "64",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
     assert len(files) == 5
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
+    )
     assert '"train": {"glioma": 3, "meningioma": 2}' in capsys.readouterr().out
 
 
 def test_upload_to_s3_and_seed_landing_leaves_existing_scans_alone(tmp_path, s3_bucket, capsys):
-    main(["make-dataset", str(tmp_path / "ds"), "--glioma", "2", "--meningioma", "2", "--size", "32", "--quiet"])
+    main(
+        [
+            "make-dataset",
+            str(tmp_path / "ds"),
+            "--glioma",
+            "2",
+            "--meningioma",
+            "2",
+            "--size",
+            "32",
+            "--quiet",
+        ]
+    )
     location = f"s3://{s3_bucket}/landing"
     assert main(["upload", str(tmp_path / "ds"), "--landing", location, "--quiet"]) == 0
     landing = S3Landing(boto3.client("s3"), location)
@@ -56,7 +86,19 @@ def test_predict_says_clearly_when_nothing_is_deployed(mri_env, capsys):
 
 
 def test_predict_json_lines_in_input_order(store_with_two_versions, tmp_path, capsys):
-    main(["make-dataset", str(tmp_path / "ds"), "--glioma", "1", "--meningioma", "1", "--size", "64", "--quiet"])
+    main(
+        [
+            "make-dataset",
+            str(tmp_path / "ds"),
+            "--glioma",
+            "1",
+            "--meningioma",
+            "1",
+            "--size",
+            "64",
+            "--quiet",
+        ]
+    )
     images = sorted(str(p) for p in (tmp_path / "ds").rglob("*") if p.is_file())
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")

@@ -169,6 +169,37 @@ def confusion_matrix_png(
     return _png(figure)
 
 
+def training_curve_png(
+    epochs: Sequence[int],
+    train_loss: Sequence[float],
+    val_loss: Sequence[float | None],
+    val_auc: Sequence[float | None],
+    title: str = "training curve",
+) -> bytes:
+    """Loss (train and validation, left axis) and validation ROC AUC (right axis) per epoch, PNG.
+
+    ``None`` entries (no validation slice, or an undefined AUC) are left out of their line.
+    """
+
+    def present(values: Sequence[float | None]) -> tuple[list[int], list[float]]:
+        pairs = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
+        return [e for e, _ in pairs], [float(v) for _, v in pairs]
+
+    figure, axes = _figure()
+    axes.plot(list(epochs), list(train_loss), marker="o", color="tab:blue", label="train loss")
+    if any(v is not None for v in val_loss):
+        axes.plot(*present(val_loss), marker="o", color="tab:orange", label="validation loss")
+    axes.set(xlabel="epoch", ylabel="loss")
+    axes.legend(loc="upper left", fontsize=8)
+    if any(v is not None for v in val_auc):
+        auc_axes = axes.twinx()
+        auc_axes.plot(*present(val_auc), marker="s", color="tab:green", label="validation AUC")
+        auc_axes.set(ylabel="ROC AUC", ylim=(0, 1.01))
+        auc_axes.legend(loc="upper right", fontsize=8)
+    axes.set_title(title, fontsize=9)
+    return _png(figure)
+
+
 def png_markdown(png_bytes: bytes, alt: str) -> str:
     """A markdown image with the PNG inlined as a base64 data URI (for Dagster markdown metadata)."""
     safe_alt = alt.replace("[", "(").replace("]", ")")

@@ -1,59 +1,65 @@
-"""Alert texts: what a person reads in Slack (or the run log) about a model decision."""
+"""Alert texts: what a person reads in Slack (or the run log) about a model decision or a failed
+run. Every message ends with a link to its run in the Dagster UI."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+from mri_assets.core.promotion import Standing
 
 
-@dataclass(frozen=True)
-class Contender:
-    """One model's standing on the current test set."""
+def run_url(dagster_url: str, run_id: str) -> str:
+    """The run's page in the Dagster UI served at ``dagster_url`` (MRI_DAGSTER_URL)."""
+    return f"{dagster_url.rstrip('/')}/runs/{run_id}"
 
-    role: str  # candidate | deployed | baseline
-    version: str | None
-    roc_auc: float | None
-    accuracy: float | None = None
-    log_loss: float | None = None
+
+def _run_line(dagster_url: str, run_id: str) -> str:
+    return f"Run: <{run_url(dagster_url, run_id)}|{run_id[:8]}>"  # Slack mrkdwn link
 
 
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def comparison_lines(
-    contenders: list[Contender], base_rate_accuracy: float | None, test_set: str, n_test: int
-) -> list[str]:
-    """One line per model plus the base rate: the comparison the seed's message only promised."""
-    lines = [f"Test set {test_set} ({n_test} images):"]
-    for c in contenders:
-        name = f" `{c.version}`" if c.version else " (none)"
+def comparison_lines(standing: Standing) -> list[str]:
+    """One line per model plus the base rate: the comparison behind the decision."""
+    lines = [f"Test set {standing.test_set_version} ({standing.n_test} images):"]
+    for role, score in standing.contenders():
+        if score is None:
+            lines.append(f"• {role} (none)")
+            continue
         lines.append(
-            f"• {c.role}{name}: AUC {_number(c.roc_auc)}, accuracy {_number(c.accuracy)}, "
-            f"log loss {_number(c.log_loss)}"
+            f"• {role} `{score.version}`: AUC {_number(score.roc_auc)}, "
+            f"accuracy {_number(score.accuracy)}, log loss {_number(score.log_loss)}"
         )
-    lines.append(f"• always guessing the majority class: accuracy {_number(base_rate_accuracy)}")
+    lines.append(
+        f"• always guessing the majority class: accuracy {_number(standing.base_rate_accuracy)}"
+    )
     return lines
 
 
-def promotion_message(
-    version: str, contenders: list[Contender], base_rate_accuracy: float | None,
-    test_set: str, n_test: int,
+def promotion_message(standing: Standing, dagster_url: str, run_id: str) -> str:
+    head = f":white_check_mark: Promoted `{standing.candidate.version}` to deployed_model."
+    return "\n".join([head, *comparison_lines(standing), _run_line(dagster_url, run_id)])
+
+
+def refusal_message(standing: Standing, dagster_url: str, run_id: str) -> str:
+    head = (
+        f":no_entry: Candidate `{standing.candidate.version}` was not promoted: "
+        f"{standing.decision.reason}"
+    )
+    return "\n".join([head, *comparison_lines(standing), _run_line(dagster_url, run_id)])
+
+
+def run_failure_message(
+    job: str,
+    run_id: str,
+    error: str,
+    dagster_url: str,
+    tags: Mapping[str, str] | None = None,
 ) -> str:
-    head = f":white_check_mark: Promoted `{version}` to deployed_model."
-    return "\n".join([head, *comparison_lines(contenders, base_rate_accuracy, test_set, n_test)])
-
-
-def refusal_message(
-    version: str, reason: str, contenders: list[Contender], base_rate_accuracy: float | None,
-    test_set: str, n_test: int,
-) -> str:
-    head = f":no_entry: Candidate `{version}` was not promoted: {reason}"
-    return "\n".join([head, *comparison_lines(contenders, base_rate_accuracy, test_set, n_test)])
-
-
-def run_failure_message(job: str, run_id: str, error: str, tags: Mapping[str, str] | None = None) -> str:
     assets = (tags or {}).get("dagster/asset_selection") or ""
     where = f" ({assets})" if assets else ""
     first_line = error.strip().splitlines()[0] if error.strip() else "no error message"
-    return f":rotating_light: Run `{run_id[:8]}` of `{job}`{where} failed: {first_line[:500]}"
+    head = f":rotating_light: Run `{run_id[:8]}` of `{job}`{where} failed: {first_line[:500]}"
+    return f"{head}\n{_run_line(dagster_url, run_id)}"

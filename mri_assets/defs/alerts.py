@@ -10,12 +10,30 @@ from mri_assets.resources import SlackAlerts
     name="slack_on_run_failure",
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=10,
-    description="Posts each failed run (job, assets, first line of the error) to MRI_SLACK_CHANNEL.",
+    description=(
+        "Posts each failed run (job, assets, first line of the error, a link to the run) to "
+        "MRI_SLACK_CHANNEL. A refused promotion is not a failed run: its one message comes from "
+        "the promotion gate."
+    ),
 )
 def slack_on_run_failure(context: dg.RunFailureSensorContext, alerts: SlackAlerts) -> None:
     run = context.dagster_run
-    error = context.failure_event.message or ""
-    alerts.post(run_failure_message(run.job_name, run.run_id, error, run.tags), log=context.log)
+    # The run's own failure message only lists the failed steps; the first step's error says why.
+    step_errors = [
+        root_cause(event.event_specific_data.error)
+        for event in context.get_step_failure_events()
+        if event.event_specific_data and event.event_specific_data.error
+    ]
+    error = step_errors[0] if step_errors else context.failure_event.message or ""
+    text = run_failure_message(run.job_name, run.run_id, error, alerts.dagster_url(), run.tags)
+    alerts.post(text, log=context.log)
+
+
+def root_cause(error) -> str:
+    """The innermost error's message: Dagster wraps the asset's own exception in its step error."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message
 
 
 alert_sensors = [slack_on_run_failure]

@@ -2,19 +2,32 @@
 evaluation next to the deployed model."""
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import dagster as dg
+from pydantic import Field, model_validator
 
 from mri_assets.core import catalog
 from mri_assets.core.evaluation import (
     Evaluation,
     evaluate,
     evaluation_plots_markdown,
-    find_evaluation,
     metrics_metadata,
-    record_evaluation,
 )
+from mri_assets.core.evaluation_records import (
+    find_evaluation,
+    find_standing,
+    record_evaluation,
+    record_standing,
+)
+from mri_assets.core.labels import ClassSpec
+from mri_assets.core.metrics import png_markdown, training_curve_png
+from mri_assets.core.pixel_cache import PixelCache
+from mri_assets.core.promotion import Standing, newest_version_trained_on
+from mri_assets.core.store import ModelStore, code_version
+from mri_assets.core.train import STRATEGIES, EpochMetrics, TrainConfig
 from mri_assets.resources import (
     ModelStoreResource,
     MriSettingsResource,
@@ -27,12 +40,21 @@ TEST_IMAGES = dg.AssetKey("test_images")
 
 AC = dg.AutomationCondition
 
+# Shown on every model and deployment asset in the UI (Overview, asset catalog filters).
+OWNERS = ["team:mri-ml"]
+TAGS = {"domain": "mri", "modality": "t2"}
+
 # eager() treats an asset already missing on the automation sensor's first tick as "handled" (the
 # initial evaluation resets it), so base_model, which has no parents to update, would never be
-# built. Request it while it is missing; never again after a failed run (no retry loop).
-WHEN_MISSING = (AC.missing() & ~AC.in_progress() & ~AC.execution_failed()).with_label(
-    "missing, not in progress, not failed"
+# built. Request it while it is missing. After a failed run, the instance's run retries try again
+# (dagster.yaml); once those are spent, the next ingest of training scans tries again, so a
+# permanent fault is not retried in a loop and a fixed one heals without a click.
+LANDING_UPDATED = AC.asset_matches(dg.AssetKey("raw_train_images"), AC.newly_updated()).with_label(
+    "raw_train_images newly updated"
 )
+WHEN_MISSING = (
+    AC.missing() & ~AC.in_progress() & (~AC.execution_failed() | LANDING_UPDATED)
+).with_label("missing, not in progress, not failed since the last training ingest")
 
 
 def eager_after_frozen_sets() -> dg.AutomationCondition:
@@ -62,17 +84,77 @@ def eager_after_frozen_sets() -> dg.AutomationCondition:
     ).with_label("eager after train_images and test_images")
 
 
-class FineTuneConfig(dg.Config):
-    """How the candidate is trained; the defaults are calibrated for the embedded model."""
+_TRAIN_DEFAULTS = TrainConfig()
 
-    strategy: Literal["full", "linear_probe"] = "full"
-    epochs: int = 15
-    learning_rate: float | None = None
-    batch_size: int = 32
-    image_size: int | None = None
-    seed: int = 0
-    validation_fraction: float = 0.15
-    early_stopping_patience: int = 5
+
+class FineTuneConfig(dg.Config):
+    """How the candidate is trained (Launchpad: `fine_tuned_model` config).
+
+    Fields, types and defaults are TrainConfig's (core/train.py); the checks are its own
+    `__post_init__`, run when Dagster builds this config. The strategy is an enum in the Launchpad
+    schema, so a wrong one is refused before a run starts; a value of the right type but out of
+    range (epochs 0, batch_size 1, ...) fails the step before any data is read or model loaded.
+    """
+
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        default=_TRAIN_DEFAULTS.strategy,
+        description="`full`: every weight trains, on lightly augmented images; `linear_probe`: "
+        "the backbone is frozen and only the head trains, on cached embeddings.",
+    )
+    epochs: int = Field(default=_TRAIN_DEFAULTS.epochs, description="Most epochs to train (>= 1).")
+    learning_rate: float | None = Field(
+        default=_TRAIN_DEFAULTS.learning_rate,
+        description="Peak learning rate of the one-cycle schedule; unset: 3e-3 for `full`, "
+        "1e-2 for `linear_probe`.",
+    )
+    batch_size: int = Field(
+        default=_TRAIN_DEFAULTS.batch_size, description="Images per step (>= 2)."
+    )
+    image_size: int | None = Field(
+        default=_TRAIN_DEFAULTS.image_size,
+        description="Side in pixels the images are resized to (>= 16); unset: the base model's.",
+    )
+    seed: int = Field(
+        default=_TRAIN_DEFAULTS.seed,
+        description="Seed of the validation split, weight init, shuffling and augmentation.",
+    )
+    validation_fraction: float = Field(
+        default=_TRAIN_DEFAULTS.validation_fraction,
+        description="Share of the train set held out to pick the best epoch, in [0, 0.5).",
+    )
+    early_stopping_patience: int = Field(
+        default=_TRAIN_DEFAULTS.early_stopping_patience,
+        description="Epochs without a better validation loss before training stops (>= 1).",
+    )
+    weight_decay: float = Field(
+        default=_TRAIN_DEFAULTS.weight_decay, description="AdamW weight decay."
+    )
+    augment: bool = Field(
+        default=_TRAIN_DEFAULTS.augment,
+        description="Random flips and affine jitter of the training images (`full` only).",
+    )
+    num_threads: int | None = Field(
+        default=_TRAIN_DEFAULTS.num_threads,
+        description="CPU threads torch may use (>= 1); unset: torch's default, one per core. "
+        "1 is often faster on a busy shared machine.",
+    )
+    probe_epochs: int = Field(
+        default=_TRAIN_DEFAULTS.probe_epochs,
+        description="`full` only: epochs of linear probing (head only) before the whole network "
+        "trains (>= 0; 0 skips the warm start).",
+    )
+    backbone_lr_factor: float = Field(
+        default=_TRAIN_DEFAULTS.backbone_lr_factor,
+        description="`full` only: the backbone's learning rate as a share of the head's, in (0, 1].",
+    )
+
+    @model_validator(mode="after")
+    def _valid_for_training(self) -> "FineTuneConfig":
+        self.to_train_config()  # TrainConfig's own checks; its ValueError names the field
+        return self
+
+    def to_train_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump())
 
 
 def base_model_version(fingerprint: str) -> str:
@@ -80,6 +162,7 @@ def base_model_version(fingerprint: str) -> str:
 
 
 def load_base(settings: MriSettingsResource, model_store: ModelStoreResource):
+    """The base model MRI_BASE_MODEL names, and its version (a fingerprint of its weights)."""
     from mri_assets.core.model import load_base_model, weights_fingerprint
 
     resolved = settings.resolve()
@@ -87,43 +170,88 @@ def load_base(settings: MriSettingsResource, model_store: ModelStoreResource):
     return base, base_model_version(weights_fingerprint(base.model))
 
 
-def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, name: str):
-    event = instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        return None
-    value = event.asset_materialization.metadata.get(name)
-    return getattr(value, "value", None)
-
-
-def current_test_set(warehouse: WarehouseResource) -> catalog.SplitSnapshot:
+def current_split(warehouse: WarehouseResource, split: str) -> catalog.SplitSnapshot:
     with warehouse.connection() as conn:
-        return catalog.read_split_table(conn, "test")
+        return catalog.read_split_table(conn, split)
 
 
-def evaluate_once(
-    warehouse: WarehouseResource,
-    pixels: PixelCacheResource,
-    settings: MriSettingsResource,
-    model_version: str,
-    role: str,
-    test_set: catalog.SplitSnapshot,
-    load_model,
-) -> Evaluation:
-    """This model's evaluation on this test set: read back if recorded, else computed and recorded."""
-    classes = settings.resolve().classes
+def current_candidate(store: ModelStore, train_set_version: str) -> str:
+    """The candidate: the newest stored version fine_tuned_model trained on this train set."""
+    version = newest_version_trained_on(
+        store.versions(),
+        lambda v: store.training_record(v).get("train_set_version"),
+        train_set_version,
+    )
+    if version is None:
+        raise dg.Failure(
+            f"no model in {store.versions_root} was trained on the current train set "
+            f"{train_set_version}: materialize fine_tuned_model first"
+        )
+    return version
+
+
+def recorded_standing(
+    warehouse: WarehouseResource, model_store: ModelStoreResource
+) -> tuple[Standing, catalog.SplitSnapshot]:
+    """The standing candidate_evaluation recorded for the current candidate and test set (and
+    that test set). A missing record is an error that says what to materialize."""
+    train_set = current_split(warehouse, "train")
+    test_set = current_split(warehouse, "test")
+    candidate = current_candidate(model_store.open(), train_set.version)
     with warehouse.connection() as conn:
-        found = find_evaluation(conn, model_version, test_set, classes)
-    if found is not None:
-        return found
-    model, preprocessing = load_model()
-    result = evaluate(model, preprocessing, test_set, pixels.open(), classes, model_version)
-    with warehouse.connection() as conn:
-        record_evaluation(conn, result, role)
-    return result
+        standing = find_standing(conn, candidate, test_set.version)
+    if standing is None:
+        raise dg.Failure(
+            f"no standing is recorded for candidate {candidate} on test set {test_set.version}: "
+            "materialize candidate_evaluation first"
+        )
+    return standing, test_set
 
 
-def evaluation_metadata(evaluation: Evaluation, settings: MriSettingsResource, title: str) -> dict:
-    classes = settings.resolve().classes
+@dataclass(frozen=True)
+class TestBench:
+    """One test-set version and what evaluating a model on it takes. Each model is evaluated on
+    it once: the evaluation is recorded in DuckDB `evaluations` and read back after."""
+
+    warehouse: WarehouseResource
+    pixels: PixelCache
+    classes: ClassSpec
+    test_set: catalog.SplitSnapshot
+
+    @classmethod
+    def current(
+        cls,
+        warehouse: WarehouseResource,
+        pixels: PixelCacheResource,
+        settings: MriSettingsResource,
+    ) -> "TestBench":
+        return cls(
+            warehouse, pixels.open(), settings.resolve().classes, current_split(warehouse, "test")
+        )
+
+    def recorded(self, version: str) -> Evaluation | None:
+        with self.warehouse.connection() as conn:
+            return find_evaluation(conn, version, self.test_set, self.classes)
+
+    def evaluated(self, version: str, role: str, model, preprocessing) -> Evaluation:
+        """The recorded evaluation of ``version``, else this model's, computed and recorded."""
+        found = self.recorded(version)
+        if found is not None:
+            return found
+        result = evaluate(model, preprocessing, self.test_set, self.pixels, self.classes, version)
+        with self.warehouse.connection() as conn:
+            record_evaluation(conn, result, role)
+        return result
+
+    def stored_evaluated(self, store: ModelStore, version: str, role: str) -> Evaluation:
+        """As ``evaluated``, for a stored version: loaded only when not evaluated yet."""
+        found = self.recorded(version)
+        if found is not None:
+            return found
+        return self.evaluated(version, role, *store.load_version(version))
+
+
+def evaluation_metadata(evaluation: Evaluation, classes: ClassSpec, title: str) -> dict:
     metrics = evaluation.metrics
     return {
         **metrics_metadata(metrics),
@@ -137,8 +265,33 @@ def evaluation_metadata(evaluation: Evaluation, settings: MriSettingsResource, t
     }
 
 
+def standing_metadata(standing: Standing) -> dict:
+    """What the gate, candidate_evaluation and deployed_model show about a standing."""
+    return {
+        "decision": standing.decision.action,
+        "reason": standing.decision.reason,
+        "candidate_version": standing.candidate.version,
+        "candidate_roc_auc": standing.candidate.roc_auc,
+        "deployed_version": standing.deployed.version if standing.deployed else None,
+        "deployed_roc_auc": standing.deployed.roc_auc if standing.deployed else None,
+        "baseline_roc_auc": standing.baseline.roc_auc,
+        "promotion_margin": standing.margin,
+        "test_set_version": standing.test_set_version,
+        "comparison": dg.MetadataValue.md(standing.comparison_markdown()),
+    }
+
+
+MODEL_ASSET = {
+    "group_name": "models",
+    "owners": OWNERS,
+    "tags": TAGS,
+    # The source hash the model store also writes into each version's training record.
+    "code_version": code_version(),
+}
+
+
 @dg.asset(
-    group_name="models",
+    **MODEL_ASSET,
     kinds={"pytorch", "huggingface"},
     automation_condition=WHEN_MISSING,
     description=(
@@ -146,7 +299,9 @@ def evaluation_metadata(evaluation: Evaluation, settings: MriSettingsResource, t
         "then read from the model store), a hub id, or a save_pretrained folder. Safetensors only."
     ),
 )
-def base_model(settings: MriSettingsResource, model_store: ModelStoreResource) -> dg.MaterializeResult:
+def base_model(
+    settings: MriSettingsResource, model_store: ModelStoreResource
+) -> dg.MaterializeResult:
     base, version = load_base(settings, model_store)
     parameters = sum(p.numel() for p in base.model.parameters())
     return dg.MaterializeResult(
@@ -163,8 +318,8 @@ def base_model(settings: MriSettingsResource, model_store: ModelStoreResource) -
 
 
 @dg.asset(
+    **MODEL_ASSET,
     deps=[base_model, TEST_IMAGES],
-    group_name="models",
     kinds={"pytorch", "duckdb"},
     automation_condition=eager_after_frozen_sets(),
     description=(
@@ -178,21 +333,18 @@ def baseline(
     warehouse: WarehouseResource,
     pixels: PixelCacheResource,
 ) -> dg.MaterializeResult:
-    test_set = current_test_set(warehouse)
+    bench = TestBench.current(warehouse, pixels, settings)
     base, version = load_base(settings, model_store)
-    result = evaluate_once(
-        warehouse, pixels, settings, version, "baseline", test_set,
-        lambda: (base.model, base.preprocessing),
-    )
+    result = bench.evaluated(version, "baseline", base.model, base.preprocessing)
     return dg.MaterializeResult(
-        metadata=evaluation_metadata(result, settings, "baseline"),
-        data_version=dg.DataVersion(f"{version}@{test_set.version}"),
+        metadata=evaluation_metadata(result, bench.classes, "baseline"),
+        data_version=dg.DataVersion(f"{version}@{bench.test_set.version}"),
     )
 
 
 @dg.asset(
+    **MODEL_ASSET,
     deps=[base_model, TRAIN_IMAGES],
-    group_name="models",
     kinds={"pytorch", "huggingface"},
     automation_condition=eager_after_frozen_sets(),
     description=(
@@ -209,16 +361,15 @@ def fine_tuned_model(
     warehouse: WarehouseResource,
     pixels: PixelCacheResource,
 ) -> dg.MaterializeResult:
-    from mri_assets.core.train import TrainConfig, data_snapshot_hash, fine_tune
+    from mri_assets.core.train import data_snapshot_hash, fine_tune
 
     resolved = settings.resolve()
-    with warehouse.connection() as conn:
-        train_set = catalog.read_split_table(conn, "train")
+    train_set = current_split(warehouse, "train")
     if not len(train_set):
         raise dg.Failure(
             "the train set is empty: land scans under <landing>/train/ and materialize train_images"
         )
-    train_config = TrainConfig(**config.model_dump())
+    train_config = config.to_train_config()
     base, base_version = load_base(settings, model_store)
     started = time.perf_counter()
     result = fine_tune(
@@ -233,6 +384,7 @@ def fine_tuned_model(
     )
     record = {
         "base_model": {"spec": base.spec, "source": base.source, "version": base_version},
+        # candidate_evaluation finds the candidate by this: the newest version on the train set.
         "train_set_version": train_set.version,
         "data_snapshot": data_snapshot_hash(train_set.sha256s, train_set.labels),
         "classes": list(resolved.classes.names),
@@ -254,35 +406,49 @@ def fine_tuned_model(
             "validation_auc": best.val_auc,
             "training_seconds": round(time.perf_counter() - started, 1),
             "epochs": dg.MetadataValue.md(epochs_markdown(result.epochs)),
+            "training_curve": dg.MetadataValue.md(training_curve_markdown(result.epochs)),
         },
         data_version=dg.DataVersion(version),
     )
 
 
-def epochs_markdown(epochs) -> str:
-    rows = ["| epoch | train loss | val loss | val AUC | val accuracy | seconds |", "|---|---|---|---|---|---|"]
+def epochs_markdown(epochs: Sequence[EpochMetrics]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [
+        "| epoch | train loss | val loss | val AUC | val accuracy | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in epochs:
         cells = [e.epoch, e.train_loss, e.val_loss, e.val_auc, e.val_accuracy, e.seconds]
-        rows.append("| " + " | ".join("" if c is None else f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        rows.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return "\n".join(rows)
 
 
-def candidate_version(instance: dg.DagsterInstance) -> str:
-    version = latest_metadata(instance, dg.AssetKey("fine_tuned_model"), "model_version")
-    if not version:
-        raise dg.Failure("no fine_tuned_model has been materialized yet: materialize it first")
-    return version
+def training_curve_markdown(epochs: Sequence[EpochMetrics]) -> str:
+    png = training_curve_png(
+        [e.epoch for e in epochs],
+        [e.train_loss for e in epochs],
+        [e.val_loss for e in epochs],
+        [e.val_auc for e in epochs],
+        title="fine-tuning: loss and validation AUC",
+    )
+    return png_markdown(png, "training curve: loss and validation AUC per epoch")
 
 
 @dg.asset(
+    **MODEL_ASSET,
     deps=[fine_tuned_model, baseline, TEST_IMAGES],
-    group_name="models",
     kinds={"pytorch", "duckdb"},
     automation_condition=eager_after_frozen_sets(),
     description=(
-        "The latest candidate and the currently deployed model, evaluated on the same, current "
-        "test-set version (ROC AUC from probabilities, accuracy, precision, recall, F1, log loss). "
-        "Its blocking check decides whether the candidate may be promoted."
+        "The candidate (the newest model trained on the current train set), the deployed model "
+        "and the baseline on the same, current test-set version (ROC AUC from probabilities, "
+        "accuracy, precision, recall, F1, log loss), and the promotion decision. The standing is "
+        "recorded in DuckDB `standings`; its blocking check and deployed_model read it."
     ),
 )
 def candidate_evaluation(
@@ -293,23 +459,38 @@ def candidate_evaluation(
     pixels: PixelCacheResource,
 ) -> dg.MaterializeResult:
     store = model_store.open()
-    version = candidate_version(context.instance)
-    test_set = current_test_set(warehouse)
-    candidate = evaluate_once(
-        warehouse, pixels, settings, version, "candidate", test_set,
-        lambda: store.load_version(version),
-    )
-    metadata = evaluation_metadata(candidate, settings, "candidate")
-    deployed = store.deployed()
-    if deployed is not None and deployed["version"] != version:
-        current = evaluate_once(
-            warehouse, pixels, settings, deployed["version"], "deployed", test_set,
-            lambda: store.load_version(deployed["version"]),
+    bench = TestBench.current(warehouse, pixels, settings)
+    version = current_candidate(store, current_split(warehouse, "train").version)
+    candidate = bench.stored_evaluated(store, version, "candidate")
+    base_version = store.training_record(version)["base_model"]["version"]
+    base = bench.recorded(base_version)
+    if base is None:
+        raise dg.Failure(
+            f"the baseline of {version}'s base model {base_version} on test set "
+            f"{bench.test_set.version} is not recorded: materialize baseline first"
         )
-        metadata["deployed_version"] = deployed["version"]
-        metadata["deployed_roc_auc"] = metrics_metadata(current.metrics)["roc_auc"]
+    deployed_entry = store.deployed()
+    deployed = None
+    if deployed_entry is not None:
+        deployed = bench.stored_evaluated(store, deployed_entry["version"], "deployed")
+    standing = Standing.decide(
+        test_set_version=bench.test_set.version,
+        n_test=len(bench.test_set),
+        base_rate_accuracy=candidate.metrics.get("base_rate_accuracy"),
+        candidate=candidate.score,
+        baseline=base.score,
+        deployed=deployed.score if deployed else None,
+        margin=settings.resolve().promotion_margin,
+    )
+    with warehouse.connection() as conn:
+        record_standing(conn, standing, context.run.run_id)
     return dg.MaterializeResult(
-        metadata=metadata, data_version=dg.DataVersion(f"{version}@{test_set.version}")
+        metadata={
+            **evaluation_metadata(candidate, bench.classes, "candidate"),
+            **standing_metadata(standing),
+            "model_version": version,
+        },
+        data_version=dg.DataVersion(f"{version}@{bench.test_set.version}"),
     )
 
 

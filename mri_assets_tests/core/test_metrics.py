@@ -15,6 +15,7 @@ from mri_assets.core.metrics import (
     confusion_matrix_png,
     png_markdown,
     roc_curve_png,
+    training_curve_png,
 )
 
 CLASSES = ("glioma", "meningioma")
@@ -128,6 +129,14 @@ def test_confusion_matrix_png_is_a_small_png() -> None:
 
     assert png.startswith(PNG_SIGNATURE)
     assert len(png) < 60_000
+
+
+def test_training_curve_png_draws_loss_and_auc_per_epoch() -> None:
+    png = training_curve_png([1, 2, 3], [0.7, 0.5, 0.4], [0.68, 0.55, 0.5], [0.6, 0.8, 0.85])
+    assert png.startswith(PNG_SIGNATURE) and len(png) < 60_000
+    # Without a validation slice only the train loss is drawn: a different, still valid picture.
+    train_only = training_curve_png([1, 2, 3], [0.7, 0.5, 0.4], [None] * 3, [None] * 3)
+    assert train_only.startswith(PNG_SIGNATURE) and train_only != png
 
 
 def test_png_markdown_inlines_the_bytes() -> None:

@@ -42,7 +42,9 @@ def test_unreachable_slack_is_logged_not_raised(monkeypatch):
     monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test-token")
     monkeypatch.setenv("MRI_SLACK_API_URL", "http://127.0.0.1:9/api/")  # discard port: refused
     log = Log()
-    assert SlackAlerts(settings=MriSettingsResource(), timeout_seconds=2).post("x", log=log) is False
+    assert (
+        SlackAlerts(settings=MriSettingsResource(), timeout_seconds=2).post("x", log=log) is False
+    )
     assert log.lines[0][0] == "warning"
 
 
@@ -53,7 +55,9 @@ def test_without_a_token_messages_go_to_the_log(monkeypatch):
     assert "no token here" in log.lines[0][1]
 
 
-def test_run_failure_sensor_posts_the_failed_run(fake_slack):
+def test_run_failure_sensor_posts_the_failed_run_with_a_link_to_it(fake_slack, monkeypatch):
+    monkeypatch.setenv("MRI_DAGSTER_URL", "https://dagster.example.org/")
+
     @dg.asset
     def exploding_asset():
         raise ValueError("scanner caught fire")
@@ -71,4 +75,5 @@ def test_run_failure_sensor_posts_the_failed_run(fake_slack):
         ) as status_context:
             slack_on_run_failure(status_context.for_run_failure())
     [text] = fake_slack.texts()
-    assert result.run_id[:8] in text and "failed" in text
+    assert result.run_id[:8] in text and "failed" in text and "scanner caught fire" in text
+    assert f"<https://dagster.example.org/runs/{result.run_id}|" in text

@@ -17,7 +17,9 @@ from mri_assets.definitions import defs
 
 GRAPH = defs.resolve_asset_graph()
 ASSET_KEYS = sorted(GRAPH.materializable_asset_keys)
-GATE = dg.AssetCheckKey(dg.AssetKey("candidate_evaluation"), "candidate_beats_deployed_and_baseline")
+GATE = dg.AssetCheckKey(
+    dg.AssetKey("candidate_evaluation"), "candidate_beats_deployed_and_baseline"
+)
 
 TABLES = {"images", "rejected_images", "train_images", "test_images"}
 MODELS = {"baseline", "fine_tuned_model", "candidate_evaluation"}
@@ -41,6 +43,7 @@ class Pipeline:
         self.unchanged: set[str] = set()
         self.failing: set[str] = set()
         self.gate_passes = True
+        self.last_run: dg.ExecuteInProcessResult | None = None
         # Called inside an asset's stand-in, before it yields: a tick while that run is going on.
         self.during: dict[str, Callable[[], None]] = {}
         self.job = self._stand_in_job()
@@ -53,6 +56,8 @@ class Pipeline:
                     raise dg.Failure(f"{name} failed")
                 if name in self.during:
                     self.during[name]()
+                if name == "deployed_model" and not self.gate_passes:
+                    return  # as the real one: a refused candidate is not materialized
                 if name not in self.unchanged:
                     yield dg.MaterializeResult(asset_key=key, metadata={"stand_in": True})
 
@@ -60,7 +65,10 @@ class Pipeline:
 
         def check_body(blocking: bool):
             def check() -> dg.AssetCheckResult:
-                return dg.AssetCheckResult(passed=self.gate_passes or not blocking)
+                # As the real gate: a refusal fails with WARN severity, and the run goes on.
+                return dg.AssetCheckResult(
+                    passed=self.gate_passes or not blocking, severity=dg.AssetCheckSeverity.WARN
+                )
 
             return check
 
@@ -68,11 +76,13 @@ class Pipeline:
         for key in ASSET_KEYS:
             node = GRAPH.get(key)
             spec = next(s for s in node.assets_def.specs if s.key == key)
-            stand_in_spec = dg.AssetSpec(key, deps=sorted(node.parent_keys), skippable=spec.skippable)
+            stand_in_spec = dg.AssetSpec(
+                key, deps=sorted(node.parent_keys), skippable=spec.skippable
+            )
             assets.append(
-                dg.multi_asset(name=f"stand_in_{key.to_python_identifier()}", specs=[stand_in_spec])(
-                    body(key)
-                )
+                dg.multi_asset(
+                    name=f"stand_in_{key.to_python_identifier()}", specs=[stand_in_spec]
+                )(body(key))
             )
         checks = [
             dg.asset_check(asset=ck.asset_key, name=ck.name, blocking=GRAPH.get(ck).blocking)(
@@ -80,7 +90,9 @@ class Pipeline:
             )
             for ck in GRAPH.asset_check_keys
         ]
-        return dg.Definitions(assets=assets, asset_checks=checks).resolve_implicit_global_asset_job_def()
+        return dg.Definitions(
+            assets=assets, asset_checks=checks
+        ).resolve_implicit_global_asset_job_def()
 
     def tick(self) -> set[str]:
         """One automation tick: the names of the assets it requests."""
@@ -90,9 +102,10 @@ class Pipeline:
 
     def run(self, names: Iterable[str]) -> dg.ExecuteInProcessResult:
         """One run of these assets (and, as the sensor does, the checks that ride along)."""
-        return self.job.execute_in_process(
+        self.last_run = self.job.execute_in_process(
             instance=self.instance, asset_selection=keys(names), raise_on_error=False
         )
+        return self.last_run
 
     def run_gate(self) -> dg.ExecuteInProcessResult:
         """A run of the blocking check alone, against candidate_evaluation's latest materialization."""
@@ -164,7 +177,11 @@ def test_stand_ins_have_the_real_graph():
     for key in ASSET_KEYS:
         assert stand_ins.get(key).parent_keys == GRAPH.get(key).parent_keys
         assert skippable(stand_ins, key) == skippable(GRAPH, key)
-    assert {k.to_user_string() for k in ASSET_KEYS if skippable(GRAPH, k)} == {"train_images", "test_images"}
+    assert {k.to_user_string() for k in ASSET_KEYS if skippable(GRAPH, k)} == {
+        "train_images",
+        "test_images",
+        "deployed_model",
+    }
     assert stand_ins.asset_check_keys == GRAPH.asset_check_keys
     assert GRAPH.get(GATE).blocking and stand_ins.get(GATE).blocking
 
@@ -218,8 +235,13 @@ def test_new_train_data_retrains_evaluates_and_deploys(deployed):
         {"fine_tuned_model", "candidate_evaluation", "deployed_model"},
     ]
     assert deployed.materialized_since(since) == [
-        "candidate_evaluation", "deployed_model", "fine_tuned_model", "images",
-        "raw_train_images", "rejected_images", "train_images",
+        "candidate_evaluation",
+        "deployed_model",
+        "fine_tuned_model",
+        "images",
+        "raw_train_images",
+        "rejected_images",
+        "train_images",
     ]
 
 
@@ -229,8 +251,13 @@ def test_new_test_data_reevaluates_without_retraining(deployed):
     deployed.land("test")
     assert deployed.settle() == [TABLES, {"baseline", "candidate_evaluation", "deployed_model"}]
     assert deployed.materialized_since(since) == [
-        "baseline", "candidate_evaluation", "deployed_model", "images",
-        "raw_test_images", "rejected_images", "test_images",
+        "baseline",
+        "candidate_evaluation",
+        "deployed_model",
+        "images",
+        "raw_test_images",
+        "rejected_images",
+        "test_images",
     ]
 
 
@@ -245,14 +272,20 @@ def test_a_failed_gate_holds_deployed_model_and_a_passed_one_lets_it_go(deployed
     deployed.unchanged = {"test_images"}
     since = deployed.latest_storage_id()
     deployed.land("train")
-    # deployed_model is in the same run, and the failed blocking check keeps it from running.
+    # deployed_model is in the same run; after the refusal it does not materialize, and the run
+    # does not fail.
     assert deployed.settle() == [
-        TABLES, {"fine_tuned_model", "candidate_evaluation", "deployed_model"}
+        TABLES,
+        {"fine_tuned_model", "candidate_evaluation", "deployed_model"},
     ]
     assert "deployed_model" not in deployed.materialized_since(since)
-    assert deployed.instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [GATE]
-    )[GATE].status.value == "FAILED"
+    assert deployed.last_run.success
+    assert (
+        deployed.instance.event_log_storage.get_latest_asset_check_execution_by_key([GATE])[
+            GATE
+        ].status.value
+        == "FAILED"
+    )
     assert deployed.tick() == set()
 
     # The next candidate passes. The gate's last verdict was a failure, so deployed_model waits for
@@ -261,7 +294,9 @@ def test_a_failed_gate_holds_deployed_model_and_a_passed_one_lets_it_go(deployed
     since = deployed.latest_storage_id()
     deployed.land("train")
     assert deployed.settle() == [
-        TABLES, {"fine_tuned_model", "candidate_evaluation"}, {"deployed_model"}
+        TABLES,
+        {"fine_tuned_model", "candidate_evaluation"},
+        {"deployed_model"},
     ]
     assert "deployed_model" in deployed.materialized_since(since)
 
@@ -278,7 +313,9 @@ def test_after_a_failed_gate_deployed_model_waits_for_a_passing_check(pipeline):
     # The gate is executed again and passes (say, with a smaller MRI_PROMOTION_MARGIN).
     pipeline.gate_passes = True
     result = pipeline.run_gate()
-    assert result.success and [e.check_name for e in result.get_asset_check_evaluations()] == [GATE.name]
+    assert result.success and [e.check_name for e in result.get_asset_check_evaluations()] == [
+        GATE.name
+    ]
     assert pipeline.tick() == {"deployed_model"}
     pipeline.run({"deployed_model"})
     assert pipeline.tick() == set()
@@ -290,8 +327,10 @@ def test_models_wait_for_the_whole_tables_run(deployed):
     mid_run = []
 
     def tick_between_the_two():
-        assert deployed.instance.get_latest_materialization_event(dg.AssetKey("test_images")).run_id \
+        assert (
+            deployed.instance.get_latest_materialization_event(dg.AssetKey("test_images")).run_id
             == deployed.instance.get_latest_materialization_event(dg.AssetKey("images")).run_id
+        )
         mid_run.append(deployed.tick())
 
     deployed.during = {"train_images": tick_between_the_two}
@@ -315,7 +354,10 @@ def test_a_relanded_duplicate_retrains_nothing(deployed):
     deployed.land("train", "test")
     assert deployed.settle() == [TABLES]
     assert deployed.materialized_since(since) == [
-        "images", "raw_test_images", "raw_train_images", "rejected_images",
+        "images",
+        "raw_test_images",
+        "raw_train_images",
+        "rejected_images",
     ]
     assert deployed.tick() == set()
 
@@ -325,7 +367,8 @@ def test_a_failed_training_run_is_not_retried_by_automation(deployed):
     deployed.failing = {"fine_tuned_model"}
     deployed.land("train")
     assert deployed.settle() == [
-        TABLES, {"fine_tuned_model", "candidate_evaluation", "deployed_model"}
+        TABLES,
+        {"fine_tuned_model", "candidate_evaluation", "deployed_model"},
     ]
     assert deployed.tick() == set()
 

@@ -15,9 +15,14 @@ ALL = [*defs.assets, *defs.asset_checks]
 # An unchanged train set does not re-materialize train_images (so automation never retrains on
 # nothing new); a deliberate retrain selects the model assets themselves.
 RETRAIN = ["fine_tuned_model", "candidate_evaluation", "deployed_model"]
+# Enough training to beat the baseline clearly (the one test that needs a good model).
 FAST = {"epochs": 15, "image_size": 96, "batch_size": 16}
 # A candidate that cannot learn anything: one tiny step.
 USELESS = {"epochs": 1, "image_size": 96, "batch_size": 16, "learning_rate": 1e-9}
+# Any model will do where the test is about the gate's plumbing, not the model's quality; a
+# negative MRI_PROMOTION_MARGIN then makes it eligible for promotion.
+TINY = {"epochs": 1, "image_size": 32, "batch_size": 16}
+ANY_CANDIDATE = {"promotion_margin": -1.0}
 
 
 @pytest.fixture(scope="module")
@@ -64,43 +69,61 @@ def test_chain_promotes_a_trained_model_and_refuses_a_worse_one(landed, fake_sla
         assert abs(baseline["roc_auc"] - 0.5) < 0.2, baseline
         assert candidate["roc_auc"] > baseline["roc_auc"] + 0.25, candidate
         assert candidate["log_loss"] > 0 and "data:image/png;base64" in candidate["plots"]
+        assert candidate["decision"] == "promote" and "| baseline |" in candidate["comparison"]
+        trained = meta(first, "fine_tuned_model")
+        assert "data:image/png;base64" in trained["training_curve"]
+        assert trained["epochs"].count("\n") == trained["epochs_run"] + 1  # header, rule, rows
         deployed = meta(first, "deployed_model")
         assert deployed["decision"] == "promote"
-        assert store.deployed()["version"] == meta(first, "fine_tuned_model")["model_version"]
-        assert fake_slack.texts()[-1].startswith(":white_check_mark: Promoted")
+        assert store.deployed()["version"] == trained["model_version"]
+        [promoted] = fake_slack.texts()
+        assert promoted.startswith(":white_check_mark: Promoted")
+        assert f"/runs/{first.run_id}|" in promoted
         good_version = deployed["deployed_version"]
 
+        # A refusal is a decision: the run succeeds, the gate fails (as a warning), one Slack
+        # message says why, and deployed_model is not materialized.
         worse = run(instance, USELESS, selection=RETRAIN, raise_on_error=False)
+        assert worse.success
         gate = check(worse, "candidate_beats_deployed_and_baseline")
         assert not gate.passed and "does not beat" in gate.description
+        assert gate.severity == dg.AssetCheckSeverity.WARN
         assert worse.asset_materializations_for_node("deployed_model") == []
         assert store.deployed()["version"] == good_version
-        assert fake_slack.texts()[-1].startswith(":no_entry: Candidate")
+        [_, refused] = fake_slack.texts()
+        assert refused.startswith(":no_entry: Candidate") and f"/runs/{worse.run_id}|" in refused
 
         # Materializing deployed_model by hand cannot sneak the refused candidate in.
         forced = run(instance, USELESS, selection=["deployed_model"], raise_on_error=False)
-        assert not forced.success
+        assert forced.asset_materializations_for_node("deployed_model") == []
         assert store.deployed()["version"] == good_version
+        assert len(fake_slack.texts()) == 2
 
     with duckdb.connect(str(landed / "mri.duckdb"), read_only=True) as conn:
         rows = conn.execute("SELECT model_version, test_set_version FROM evaluations").fetchall()
         assert len(rows) == len(set(rows)) == 3  # baseline, good and worse candidates: once each
-        assert conn.execute("SELECT version, action FROM deployments").fetchall() == [(good_version, "promote")]
+        assert conn.execute("SELECT version, action FROM deployments").fetchall() == [
+            (good_version, "promote")
+        ]
+        standings = conn.execute(
+            "SELECT action, deployed_version FROM standings ORDER BY decided_at"
+        ).fetchall()
+        assert standings == [("promote", None), ("refuse", good_version)]
 
 
 def test_crash_between_saving_and_promoting_keeps_the_previous_model(landed, monkeypatch):
     store = ModelStore(landed / "models")
     with dg.instance_for_test() as instance:
-        run(instance, FAST)
+        run(instance, TINY, **ANY_CANDIDATE)
         previous = store.deployed()
 
         def crash(*args, **kwargs):
             raise OSError("power cut while promoting")
 
         monkeypatch.setattr(ModelStore, "promote", crash)
-        # A negative margin makes any candidate eligible, so the promotion is surely attempted.
-        result = run(instance, dict(FAST, seed=1), selection=RETRAIN, raise_on_error=False,
-                     promotion_margin=-1.0)
+        result = run(
+            instance, dict(TINY, seed=1), selection=RETRAIN, raise_on_error=False, **ANY_CANDIDATE
+        )
         assert check(result, "candidate_beats_deployed_and_baseline").passed
         new_version = meta(result, "fine_tuned_model")["model_version"]
         assert store.has_version(new_version)  # the new model is stored...
@@ -119,10 +142,10 @@ def test_deployments_table_catches_up_after_a_crash_before_recording(landed, mon
 
     with dg.instance_for_test() as instance:
         monkeypatch.setattr(deployment, "sync_deployments", crash)
-        assert not run(instance, FAST, raise_on_error=False).success
+        assert not run(instance, TINY, raise_on_error=False, **ANY_CANDIDATE).success
         assert store.deployed() is not None  # the pointer flip is the commit point
         monkeypatch.setattr(deployment, "sync_deployments", real_sync)
-        again = run(instance, FAST, selection=["deployed_model"])
+        again = run(instance, TINY, selection=["deployed_model"], **ANY_CANDIDATE)
         assert meta(again, "deployed_model")["deployments_recorded"] == 1
     with duckdb.connect(str(landed / "mri.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM deployments").fetchall()[0][0] == 1
@@ -137,8 +160,42 @@ def test_single_class_test_set_is_refused_with_a_clear_reason(mri_env, small_dat
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
     with dg.instance_for_test() as instance:
-        result = run(instance, FAST, raise_on_error=False)
+        result = run(instance, TINY, raise_on_error=False)
     evaluation = meta(result, "candidate_evaluation")
     assert evaluation["roc_auc"] is None and "only class 'glioma'" in evaluation["warning"]
     gate = check(result, "candidate_beats_deployed_and_baseline")
     assert not gate.passed and "undefined" in gate.description
+    assert result.success and result.asset_materializations_for_node("deployed_model") == []
+
+
+def test_launchpad_config_is_train_config_with_help_text():
+    from dataclasses import asdict, fields
+
+    from mri_assets.core.train import TrainConfig
+    from mri_assets.defs.models import FineTuneConfig
+
+    assert FineTuneConfig().to_train_config() == TrainConfig()
+    assert list(FineTuneConfig.model_fields) == [f.name for f in fields(TrainConfig)]
+    assert all(field.description for field in FineTuneConfig.model_fields.values())
+    assert asdict(FineTuneConfig(epochs=3, augment=False).to_train_config())["augment"] is False
+
+
+def test_launchpad_refuses_a_wrong_strategy_before_a_run_starts():
+    job = defs.resolve_implicit_global_asset_job_def()
+    config = {"ops": {"fine_tuned_model": {"config": {"strategy": "everything"}}}}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="strategy"):
+        dg.validate_run_config(job, config)
+    dg.validate_run_config(job, {"ops": {"fine_tuned_model": {"config": {"num_threads": 1}}}})
+
+
+def test_an_out_of_range_value_fails_before_anything_is_trained(mri_env):
+    result = dg.materialize(
+        [defs.get_assets_def("fine_tuned_model")],
+        resources=resources_for(),
+        run_config={"ops": {"fine_tuned_model": {"config": {"validation_fraction": 0.7}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "validation_fraction must be in [0, 0.5)" in str(failure.event_specific_data.error)
+    assert not (mri_env / "models" / "versions").exists()
