@@ -97,6 +97,11 @@ class Placement:
         return self.device.type == "cuda"
 
     @property
+    def reference(self) -> bool:
+        """The CPU in float32: the deterministic reference path, kept bit-identical."""
+        return self.is_cpu and self.amp_dtype is None
+
+    @property
     def precision(self) -> str:
         """``fp32``, ``bf16`` or ``fp16``: what a record or a cache key should say."""
         import torch
@@ -141,14 +146,17 @@ def placement(
 ) -> Placement:
     """Resolve ``device`` (see resolve_device) and choose its precision.
 
-    ``mixed_precision`` None means on for CUDA and off elsewhere; it is never used on the CPU
-    (bfloat16 autocast there is slower on most CPUs and would change the deterministic results)
-    nor on MPS (float16 autocast support varies by macOS and torch release).
+    ``mixed_precision`` None means on for CUDA and off elsewhere. On the CPU it is off unless
+    asked for (True: bfloat16 autocast, fast only on CPUs with native bfloat16 such as AMX, and
+    no longer the bit-identical reference path); MPS always runs in float32 (its autocast
+    support varies by macOS and torch release).
     """
     import torch
 
     resolved = resolve_device(device)
     use_amp = resolved.type == "cuda" if mixed_precision is None else mixed_precision
+    if use_amp and resolved.type == "cpu":
+        return Placement(resolved, torch.bfloat16)
     if not use_amp or resolved.type != "cuda":
         return Placement(resolved)
     # Native bfloat16 arrived with compute capability 8 (Ampere); is_bf16_supported() would

@@ -43,7 +43,7 @@ def predict_probabilities(
     if not pixels:
         return np.zeros((0, int(model.config.num_labels)), dtype=np.float32)
     where = placement(device, mixed_precision)
-    if where.is_cpu:  # the original path, unchanged: numpy per batch
+    if where.reference:  # the original path, unchanged: numpy per batch
         return np.concatenate(
             [
                 torch.softmax(model(pixel_values=batch).logits, dim=-1).numpy()
@@ -72,7 +72,7 @@ def logits_of(
 
     where = placement(device, mixed_precision)
     model.eval()
-    if where.is_cpu:
+    if where.reference:
         with torch.inference_mode():
             return torch.cat(
                 [model(pixel_values=part).logits for part in _batches(inputs, batch_size)]
@@ -104,7 +104,7 @@ def embed(
     if not pixels:
         return np.zeros((0, 0), dtype=np.float32)
     where = placement(device, mixed_precision)
-    if where.is_cpu:
+    if where.reference:
         chunks = [
             pooled_features(model, batch).numpy()
             for batch in _inference_batches(model, preprocessing, pixels, batch_size, where)
@@ -139,9 +139,9 @@ def _inference_batches(
     ):
         for start in range(0, len(pixels), batch_size):
             part = pixels[start : start + batch_size]
-            if where.is_cpu:
+            if not where.is_cuda:
                 batch = preprocess_pixels(part, preprocessing)
-                yield batch.contiguous(memory_format=torch.channels_last)
+                yield where.to_device(batch.contiguous(memory_format=torch.channels_last))
             else:  # written straight into pinned memory; the layout change runs on the GPU
                 batch = preprocess_pixels(part, preprocessing, pin_memory=True)
                 yield where.to_device(batch).contiguous(memory_format=torch.channels_last)

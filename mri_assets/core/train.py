@@ -253,7 +253,7 @@ def fine_tune(
     log(
         f"fine-tuning ({config.strategy}) on {len(train_idx)} images, validating on {len(val_idx)}, "
         f"{preprocessing.image_size}px, lr {config.lr:g}, up to {config.epochs} epochs"
-        + ("" if where.is_cpu else f", on {where.device} ({where.precision})")
+        + ("" if where.reference else f", on {where.device} ({where.precision})")
     )
     notes: list[str] = []
     with (
@@ -331,6 +331,8 @@ def _train_full(
 
     started = time.perf_counter()
     pixels = pixels_lookup(list(sha256s))
+    probe_history: list[EpochMetrics] = []
+    probe_best, probe_loss = 0, None
     if config.probe_epochs:
         # Warm start: fit the head on frozen features first, from the pixels already in hand.
         by_sha = dict(zip(sha256s, pixels, strict=True))
@@ -343,7 +345,7 @@ def _train_full(
             backbone_lr_factor=1.0,
         )
         log(f"linear-probe warm start: {config.probe_epochs} epochs on frozen features")
-        probe_epochs, probe_best, _ = _train_linear_probe(
+        probe_history, probe_best, _ = _train_linear_probe(
             model,
             preprocessing,
             sha256s,
@@ -355,18 +357,19 @@ def _train_full(
             log,
             where,
         )
-        best = probe_epochs[probe_best - 1]
+        probe_loss = probe_history[probe_best - 1].val_loss
         notes.append(
-            f"linear-probe warm start: {len(probe_epochs)} epochs, best epoch {probe_best}"
-            + (f" (val loss {best.val_loss:.4f})" if best.val_loss is not None else "")
+            f"epochs 1-{len(probe_history)}: linear-probe warm start (head only); "
+            f"from epoch {len(probe_history) + 1}: the whole network"
         )
     inputs = preprocess_pixels(pixels, preprocessing, pin_memory=where.is_cuda)
     del pixels
-    if where.is_cpu:
-        # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    else:
+    if where.is_cuda:
         inputs = _resident_or_pinned(inputs, where, log)
+    else:
+        # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
+        # (MPS shares memory with the CPU: the whole set simply lives on the device.)
+        inputs = where.to_device(inputs.contiguous(memory_format=torch.channels_last))
     log(f"{len(sha256s)} images preprocessed in {time.perf_counter() - started:.1f}s")
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # augmentation returns contiguous batches
@@ -380,7 +383,18 @@ def _train_full(
             ([p for p in model.parameters() if id(p) in head], 1.0),
         ]
     with model_on(model, where), channels_last(model):
-        return loop.run(inputs, torch.from_numpy(targets), *split, log)
+        # After a warm start, the probed model is the one to beat: if no full epoch validates
+        # better (a backbone whose batch-norm statistics do not fit the data can get worse
+        # before it gets better), the warm start's weights are kept.
+        history, best_epoch, stopped_early = loop.run(
+            inputs, torch.from_numpy(targets), *split, log, best_loss=probe_loss
+        )
+    if not probe_history:
+        return history, best_epoch, stopped_early
+    # One epoch list for the whole run: the probe's epochs first, then the full ones.
+    offset = len(probe_history)
+    history = probe_history + [replace(e, epoch=e.epoch + offset) for e in history]
+    return history, best_epoch + offset if best_epoch else probe_best, stopped_early
 
 
 def _resident_or_pinned(
@@ -644,7 +658,13 @@ class _TrainingLoop:
         train_idx: np.ndarray,
         val_idx: np.ndarray,
         log: Callable[[str], None],
+        best_loss: float | None = None,
     ) -> tuple[list[EpochMetrics], int, bool]:
+        """Train, keep the best validated epoch's weights; its number (1-based) comes back.
+
+        ``best_loss``: the validation loss of the weights as they are now, to be beaten by an
+        epoch; when none does, those weights are restored and the best epoch is 0.
+        """
         import torch
 
         config = self.config
@@ -652,16 +672,20 @@ class _TrainingLoop:
         optimizer, schedule = self._optimizer(config.epochs * steps_per_epoch)
         # Validation loss swings wildly while the learning rate climbs; patience starts after.
         warmup_epochs = math.ceil(WARMUP_SHARE * config.epochs)
-        if not self.where.is_cpu:
+        if not self.where.reference:
             targets = self.where.to_device(targets)
         train_rows = torch.from_numpy(train_idx).to(inputs.device)
         val_rows = torch.from_numpy(val_idx).to(inputs.device)
         train_x, val_x = inputs[train_rows], inputs[val_rows]
         train_y = targets[torch.from_numpy(train_idx).to(targets.device)]
         val_y = targets[torch.from_numpy(val_idx).to(targets.device)]
-        train_epoch = self._train_epoch if self.where.is_cpu else self._train_epoch_on_device
+        train_epoch = self._train_epoch if self.where.reference else self._train_epoch_on_device
         history: list[EpochMetrics] = []
-        best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
+        best_epoch, best_state, stale = 0, None, 0
+        if best_loss is None:
+            best_loss = float("inf")
+        else:
+            best_state = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
             train_loss = train_epoch(train_x, train_y, optimizer, schedule)
@@ -720,9 +744,9 @@ class _TrainingLoop:
         optimizer: torch.optim.Optimizer,
         schedule: torch.optim.lr_scheduler.LRScheduler,
     ) -> float:
-        """One epoch on a GPU (or MPS): the same batches and augmentation draws as on the CPU
-        (the CPU generator draws them), mixed precision, and no host sync until the epoch ends
-        (the running loss stays on the device)."""
+        """One epoch on a GPU or MPS, or in mixed precision on the CPU: the same batches and
+        augmentation draws as the reference path (the CPU generator draws them), autocast, and
+        no host sync until the epoch ends (the running loss stays on the device)."""
         import torch
         import torch.nn.functional as F
 
@@ -730,7 +754,9 @@ class _TrainingLoop:
         scaler = where.grad_scaler()
         self.trainable.train()
         order = torch.randperm(train_x.shape[0], generator=self.generator)
-        total = torch.zeros((), dtype=torch.float64, device=where.device)
+        # float64 keeps the running sum exact enough; MPS has no float64.
+        total_dtype = torch.float32 if where.device.type == "mps" else torch.float64
+        total = torch.zeros((), dtype=total_dtype, device=where.device)
         seen = 0
         for start in range(0, order.numel(), self.config.batch_size):
             batch = order[start : start + self.config.batch_size]
@@ -749,7 +775,7 @@ class _TrainingLoop:
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            total += loss.detach().double() * batch.numel()
+            total += loss.detach().to(total_dtype) * batch.numel()
             seen += batch.numel()
         return float(total) / max(seen, 1)
 
@@ -766,7 +792,7 @@ class _TrainingLoop:
         where = self.where
         self.trainable.eval()
         with torch.inference_mode():
-            if where.is_cpu:
+            if where.reference:
                 logits = torch.cat(
                     [self.forward(val_x[i : i + 128]) for i in range(0, val_x.shape[0], 128)]
                 )

@@ -68,11 +68,15 @@ def test_unknown_specs_are_refused_listing_the_valid_ones(spec: str) -> None:
     assert not isinstance(caught.value, DeviceUnavailable)
 
 
-def test_cpu_never_autocasts(no_accelerator) -> None:
-    for mixed in (None, True, False):
+def test_cpu_autocasts_only_when_asked(no_accelerator) -> None:
+    for mixed in (None, False):
         where = placement("cpu", mixed)
         assert where.amp_dtype is None and where.precision == "fp32"
-        assert not where.needs_grad_scaler and where.is_cpu
+        assert not where.needs_grad_scaler and where.is_cpu and where.reference
+
+    asked = placement("cpu", mixed_precision=True)
+
+    assert asked.precision == "bf16" and not asked.needs_grad_scaler and not asked.reference
 
 
 @pytest.mark.parametrize(("major", "dtype", "scaler"), [(9, "bf16", False), (7, "fp16", True)])

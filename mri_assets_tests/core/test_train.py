@@ -323,36 +323,52 @@ def test_unavailable_device_fails_before_any_training(base, train_set) -> None:
 
 
 def test_warm_start_probes_the_head_then_trains_the_backbone_more_slowly(
-    base, train_set, test_set, tmp_path: Path
+    base, train_set, test_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def backbone_change(result) -> float:
-        before = dict(base.model.resnet.named_parameters())
-        return sum(
-            float((p.detach() - before[name].detach()).abs().sum())
-            for name, p in result.model.resnet.named_parameters()
-        )
+    optimizers: list[list[tuple[float, int]]] = []  # per AdamW: (lr, parameter count) per group
 
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs) -> None:
+            super().__init__(params, **kwargs)
+            optimizers.append([(g["lr"], len(g["params"])) for g in self.param_groups])
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     lines: list[str] = []
     cache = EmbeddingCache(tmp_path / "embeddings")
     lookup = Lookup(train_set[0], train_set[2])
-    slow = run(
-        base,
-        train_set,
-        TrainConfig(epochs=3, image_size=SIZE, probe_epochs=3, backbone_lr_factor=0.05),
-        cache,
-        log=lines.append,
-        lookup=lookup,
-    )
-    same_rate = run(base, train_set, TrainConfig(epochs=3, image_size=SIZE, probe_epochs=3))
+    config = TrainConfig(epochs=3, image_size=SIZE, probe_epochs=3, backbone_lr_factor=0.05)
 
+    result = run(base, train_set, config, cache, log=lines.append, lookup=lookup)
+
+    head_size = len(list(base.model.classifier.parameters()))
+    backbone_size = len(list(base.model.parameters())) - head_size
+    probe, full = optimizers
+    assert probe == [(0.01, 2)]  # the probe: a Linear layer at the linear_probe default rate
+    assert full == [(pytest.approx(0.05 * config.lr), backbone_size), (config.lr, head_size)]
     assert any(line.startswith("linear-probe warm start") for line in lines)
-    assert any("warm start: 3 epochs" in note for note in slow.notes)
-    assert len(slow.epochs) == 3  # the full phase; the probe's epochs are in the notes
+    assert any("epochs 1-3: linear-probe warm start" in note for note in result.notes)
+    assert [e.epoch for e in result.epochs] == [1, 2, 3, 4, 5, 6]  # probe, then full
+    val_losses = [e.val_loss for e in result.epochs]
+    assert result.best_epoch == int(np.argmin(val_losses)) + 1  # chosen over both phases
     assert sorted(lookup.requests) == sorted(train_set[0])  # still one lookup per image
     assert len(list((tmp_path / "embeddings").rglob("*.npy"))) == len(train_set[0])
-    assert 0 < backbone_change(slow) < 0.25 * backbone_change(same_rate)
     # At least what the probe alone reaches on this random backbone (see the linear_probe test).
-    assert held_out_auc(slow, test_set) > 0.9
+    assert held_out_auc(result, test_set) > 0.9
+
+
+def test_a_warm_start_no_full_epoch_beats_is_kept(base, train_set, test_set) -> None:
+    # An absurd learning rate wrecks every full epoch: the probed weights must come back.
+    sha256s, labels, pixels = train_set
+    config = TrainConfig(epochs=2, image_size=SIZE, probe_epochs=3, learning_rate=50.0)
+
+    result = run(base, train_set, config)
+
+    assert result.best_epoch <= 3 and len(result.epochs) == 5
+    _, val_idx = stratified_split(np.asarray(labels), config.validation_fraction, config.seed)
+    probs = predict_probabilities(result.model, result.preprocessing, [pixels[i] for i in val_idx])
+    restored = F.nll_loss(torch.log(torch.from_numpy(probs)), torch.tensor(labels)[val_idx])
+    assert float(restored) == pytest.approx(result.epochs[result.best_epoch - 1].val_loss, abs=1e-4)
+    assert held_out_auc(result, test_set) > 0.9
 
 
 def test_recommended_config_fits_the_base() -> None:
@@ -385,3 +401,34 @@ def test_embedding_cache_key_keeps_float32_and_separates_mixed_precision(base) -
 
     assert EmbeddingCache.key(fingerprint, base.preprocessing, "fp32") == fp32
     assert EmbeddingCache.key(fingerprint, base.preprocessing, "bf16") == f"{fp32}-bf16"
+
+
+def test_mixed_precision_path_trains_and_predicts(base, train_set, test_set) -> None:
+    # bfloat16 autocast on the CPU runs the accelerator code path (autocast, device-side loss
+    # sums, float32 logits) on this GPU-less machine; it must learn as well and say what it was.
+    config = TrainConfig(epochs=5, image_size=SIZE, num_threads=1)
+    reference = run(base, train_set, config)
+    sha256s, labels, pixels = train_set
+
+    mixed = fine_tune(
+        copy.deepcopy(base.model),
+        base.preprocessing,
+        sha256s,
+        labels,
+        Lookup(sha256s, pixels),
+        config,
+        log=lambda _: None,
+        device="cpu",
+        mixed_precision=True,
+    )
+    probs = predict_probabilities(
+        mixed.model, mixed.preprocessing, test_set[2], device="cpu", mixed_precision=True
+    )
+    float32_probs = predict_probabilities(mixed.model, mixed.preprocessing, test_set[2])
+
+    assert mixed.summary()["precision"] == "bf16" and mixed.summary()["device"] == "cpu"
+    assert probs.dtype == np.float32 and probs.shape == (60, 2)
+    assert weights_fingerprint(mixed.model) != weights_fingerprint(reference.model)
+    assert held_out_auc(mixed, test_set) > 0.95
+    assert np.abs(probs - float32_probs).max() < 0.05  # bfloat16 rounding, not another answer
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in mixed.model.parameters())
