@@ -24,6 +24,16 @@ class DeviceUnavailable(ValueError):
     """The device named by MRI_DEVICE (or a ``device`` argument) does not exist here."""
 
 
+def parse_device_spec(raw: str | None) -> str:
+    """``raw`` normalised (trimmed, lower case; empty or None: ``cpu``) when it is one of
+    DEVICE_SPECS, else ValueError. Syntax only and torch-free, so a settings reader can
+    validate MRI_DEVICE cheaply; whether the device exists is resolve_device's question."""
+    text = (raw or "cpu").strip().lower()
+    if text in ("auto", "cpu", "cuda", "mps") or _CUDA_INDEX.fullmatch(text):
+        return text
+    raise ValueError(f"MRI_DEVICE must be one of {', '.join(DEVICE_SPECS)}; got {raw!r}")
+
+
 def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
     """The torch.device for ``spec``; None means ``cpu`` (the behaviour before devices existed).
 
@@ -32,9 +42,9 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
     """
     import torch
 
-    if isinstance(spec, torch.device):
-        spec = str(spec)
-    text = (spec or "cpu").strip().lower()
+    if isinstance(spec, torch.device):  # "mps:0" and the like name the one device there is
+        spec = str(spec) if spec.type == "cuda" else spec.type
+    text = parse_device_spec(spec)
     if text == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -51,22 +61,19 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
             )
         return torch.device("mps")
     match = _CUDA_INDEX.fullmatch(text)
-    if text == "cuda" or match:
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(
-                f"MRI_DEVICE={text} but torch {torch.__version__} sees no CUDA GPU (a CPU-only "
-                "build, or no driver); install the CUDA build of the same torch release, or use "
-                "auto or cpu"
-            )
-        index = int(match.group(1)) if match else torch.cuda.current_device()
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise DeviceUnavailable(
-                f"MRI_DEVICE={text} but only {count} CUDA device(s) exist (cuda:0 to "
-                f"cuda:{count - 1})"
-            )
-        return torch.device("cuda", index)
-    raise ValueError(f"MRI_DEVICE must be one of {', '.join(DEVICE_SPECS)}; got {spec!r}")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"MRI_DEVICE={text} but torch {torch.__version__} sees no CUDA GPU (a CPU-only "
+            "build, or no driver); install the CUDA build of the same torch release, or use "
+            "auto or cpu"
+        )
+    index = int(match.group(1)) if match else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceUnavailable(
+            f"MRI_DEVICE={text} but only {count} CUDA device(s) exist (cuda:0 to cuda:{count - 1})"
+        )
+    return torch.device("cuda", index)
 
 
 def _mps_available() -> bool:

@@ -9,6 +9,7 @@ from mri_assets.core import devices
 from mri_assets.core.devices import (
     DeviceUnavailable,
     model_on,
+    parse_device_spec,
     placement,
     resolve_device,
 )
@@ -104,3 +105,12 @@ def test_on_the_cpu_models_and_tensors_stay_put(no_accelerator) -> None:
     with where.autocast():
         assert not torch.is_autocast_enabled("cpu")
     assert not where.grad_scaler().is_enabled()
+
+
+def test_spec_syntax_is_checked_without_touching_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("torch was asked"))
+
+    assert parse_device_spec(" CUDA:1 ") == "cuda:1"
+    assert parse_device_spec("auto") == "auto" and parse_device_spec(None) == "cpu"
+    with pytest.raises(ValueError, match="MRI_DEVICE must be one of"):
+        parse_device_spec("gpu0")
