@@ -40,7 +40,9 @@ from mri_assets.resources import (
     description=(
         "The candidate's ROC AUC must beat the baseline's and the deployed model's, on the same "
         "test-set version, by MRI_PROMOTION_MARGIN, as recorded by candidate_evaluation. A "
-        "refusal fails it with WARN severity and one Slack message; deployed_model then skips."
+        "refusal fails it with WARN severity and one Slack message; deployed_model then skips. "
+        "Executed alone it reads the same record: to decide again (say, with another margin), "
+        "materialize candidate_evaluation."
     ),
 )
 def candidate_beats_deployed_and_baseline(

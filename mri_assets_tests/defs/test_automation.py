@@ -310,7 +310,8 @@ def test_after_a_failed_gate_deployed_model_waits_for_a_passing_check(pipeline):
     assert pipeline.tick() == set()
     assert pipeline.instance.get_latest_materialization_event(dg.AssetKey("deployed_model")) is None
 
-    # The gate is executed again and passes (say, with a smaller MRI_PROMOTION_MARGIN).
+    # The gate is executed again and passes (the real one reads the recorded standing, so say
+    # candidate_evaluation was re-decided by hand with a smaller MRI_PROMOTION_MARGIN).
     pipeline.gate_passes = True
     result = pipeline.run_gate()
     assert result.success and [e.check_name for e in result.get_asset_check_evaluations()] == [
