@@ -123,7 +123,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     probabilities = dict(
         zip(
             readable,
-            predict_probabilities(model, preprocessing, [decoded[p] for p in readable]),
+            predict_probabilities(
+                model, preprocessing, [decoded[p] for p in readable], device=settings.device
+            ),
             strict=True,
         )
     )

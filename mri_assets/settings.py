@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mri_assets.core.devices import parse_device_spec
 from mri_assets.core.labels import ClassSpec
 
 
@@ -97,6 +98,13 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="the second class (`meningioma`)",
     ),
     Setting(
+        "MRI_DEVICE",
+        "Where torch work (training, evaluation, `predict`) runs: `cpu`, `auto` (CUDA, then "
+        "Apple MPS, then the CPU), `cuda`, `cuda:N` or `mps`.",
+        default="cpu",
+        parse=parse_device_spec,
+    ),
+    Setting(
         "MRI_PROMOTION_MARGIN",
         "AUC a candidate must gain over the deployed model and the baseline to be promoted.",
         default="0.005",
@@ -160,6 +168,7 @@ class Settings:
     home: Path
     landing: str
     base_model: str
+    device: str
     classes: ClassSpec
     promotion_margin: float
     max_image_pixels: int
@@ -180,6 +189,7 @@ class Settings:
             home=home,
             landing=value["MRI_LANDING"] or str(home / "landing"),
             base_model=value["MRI_BASE_MODEL"],
+            device=value["MRI_DEVICE"],
             classes=ClassSpec.parse(value["MRI_CLASSES"], value["MRI_POSITIVE_CLASS"]),
             promotion_margin=value["MRI_PROMOTION_MARGIN"],
             max_image_pixels=value["MRI_MAX_IMAGE_PIXELS"],

@@ -23,6 +23,7 @@ def test_defaults_fill_in_an_empty_environment(tmp_path, monkeypatch):
         ("MRI_MAX_IMAGE_PIXELS", "0"),
         ("MRI_DAGSTER_URL", "dagster.example.org"),
         ("MRI_SLACK_API_URL", "localhost:9000"),
+        ("MRI_DEVICE", "gpu"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(name, value):
@@ -36,6 +37,7 @@ def test_every_setting_read_here_changes_the_settings(tmp_path):
         "MRI_HOME": str(tmp_path),
         "MRI_LANDING": "s3://bucket/landing",
         "MRI_BASE_MODEL": "microsoft/resnet-50",
+        "MRI_DEVICE": "auto",
         "MRI_CLASSES": "a,b",
         "MRI_POSITIVE_CLASS": "glioma",
         "MRI_PROMOTION_MARGIN": "0.1",

@@ -44,8 +44,11 @@ def evaluate(
     classes: ClassSpec,
     model_version: str,
     batch_size: int = 64,
+    *,
+    device: str | None = None,
 ) -> Evaluation:
-    """Probabilities and metrics of ``model`` on every image of ``snapshot`` (pixels from cache)."""
+    """Probabilities and metrics of ``model`` on every image of ``snapshot`` (pixels from cache),
+    computed on ``device`` (core/devices.py; None: the CPU)."""
     from mri_assets.core.inference import predict_probabilities
     from mri_assets.core.metrics import classification_metrics
 
@@ -55,7 +58,7 @@ def evaluate(
             f"and materialize {snapshot.split}_images first"
         )
     probabilities = predict_probabilities(
-        model, preprocessing, cache.get_many(snapshot.sha256s), batch_size
+        model, preprocessing, cache.get_many(snapshot.sha256s), batch_size, device=device
     )
     p_positive = probabilities[:, classes.positive_index]
     y_true = [classes.index(label) for label in snapshot.labels]

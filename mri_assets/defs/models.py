@@ -216,6 +216,7 @@ class TestBench:
     warehouse: WarehouseResource
     pixels: PixelCache
     classes: ClassSpec
+    device: str
     test_set: catalog.SplitSnapshot
 
     @classmethod
@@ -225,8 +226,13 @@ class TestBench:
         pixels: PixelCacheResource,
         settings: MriSettingsResource,
     ) -> "TestBench":
+        resolved = settings.resolve()
         return cls(
-            warehouse, pixels.open(), settings.resolve().classes, current_split(warehouse, "test")
+            warehouse,
+            pixels.open(),
+            resolved.classes,
+            resolved.device,
+            current_split(warehouse, "test"),
         )
 
     def recorded(self, version: str) -> Evaluation | None:
@@ -238,7 +244,15 @@ class TestBench:
         found = self.recorded(version)
         if found is not None:
             return found
-        result = evaluate(model, preprocessing, self.test_set, self.pixels, self.classes, version)
+        result = evaluate(
+            model,
+            preprocessing,
+            self.test_set,
+            self.pixels,
+            self.classes,
+            version,
+            device=self.device,
+        )
         with self.warehouse.connection() as conn:
             record_evaluation(conn, result, role)
         return result
@@ -381,6 +395,7 @@ def fine_tuned_model(
         train_config,
         embedding_cache=model_store.embedding_cache(),
         log=context.log.info,
+        device=resolved.device,
     )
     record = {
         "base_model": {"spec": base.spec, "source": base.source, "version": base_version},
