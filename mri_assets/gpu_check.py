@@ -23,7 +23,8 @@ On one GPU it, well within 5 minutes:
 5. writes ``gpu_check.md`` and ``gpu_check.json`` into OUT_DIR.
 
 Exit status: 0 when the predictions agree (or when there is no GPU: it says so and checks
-nothing), 1 when they do not. ``--cpu-dry-run`` runs every step at toy sizes on the CPU, with
+nothing), 1 when they do not or a step failed (the report then holds the traceback and
+whatever the other model's steps measured). ``--cpu-dry-run`` runs every step at toy sizes on the CPU, with
 CPU bfloat16 standing in for the GPU, so the check itself can be tested anywhere.
 """
 
@@ -37,6 +38,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -224,22 +226,34 @@ def run_check(out: Path, *, cpu_dry_run: bool = False, seed: int = 0) -> int:
         }
         for name, (load, architecture, config) in bases.items():
             say(f"{name}: loading")
-            report["models"][name] = _check_model(
-                name,
-                load(),
-                architecture,
-                config,
-                phantoms,
-                under_test,
-                cpu_cells,
-                sizes,
-                deadline,
-                say,
-            )
-    agreements = [
-        cell["ok"] for model in report["models"].values() for cell in model["agreement"].values()
-    ]
-    report["status"] = "ok" if all(agreements) else "disagree"
+            try:
+                report["models"][name] = _check_model(
+                    name,
+                    load(),
+                    architecture,
+                    config,
+                    phantoms,
+                    under_test,
+                    cpu_cells,
+                    sizes,
+                    deadline,
+                    say,
+                )
+            except Exception as error:  # the check runs once on a borrowed GPU: keep the rest
+                say(f"{name}: FAILED: {type(error).__name__}: {error}")
+                report["models"][name] = {
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(),
+                }
+    if any("error" in model for model in report["models"].values()):
+        report["status"] = "error"
+    else:
+        agreements = [
+            cell["ok"]
+            for model in report["models"].values()
+            for cell in model["agreement"].values()
+        ]
+        report["status"] = "ok" if all(agreements) else "disagree"
     report["duration_seconds"] = round(time.perf_counter() - started, 1)
     _write(out, report)
     say(f"report: {out / (REPORT_NAME + '.md')} ({report['status']})")
@@ -541,6 +555,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for name, model in report["models"].items():
+        if "error" in model:
+            lines += [f"## {name}", "", f"**failed**: `{model['error']}`", "", "```"]
+            lines += [model["traceback"].rstrip(), "```", ""]
+            continue
         training = model["training"]
         lines += [
             f"## {name} ({model['parameters']:,} parameters, {model['image_size']} px)",

@@ -70,9 +70,9 @@ def test_cpu_dry_run_from_a_checkout_needs_no_dagster(tmp_path: Path) -> None:
     assert "## resnet50" in markdown and "| cpu_bf16 |" in markdown
 
 
-def test_predictions_outside_the_tolerance_fail_the_check(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def tiny_dry_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dry-run sizes smaller still, for tests of the check's own logic."""
     tiny = dataclasses.replace(
         gpu_check.DRY_RUN_SIZES,
         n_train=16,
@@ -86,6 +86,11 @@ def test_predictions_outside_the_tolerance_fail_the_check(
         seconds_per_measurement=0.0,
     )
     monkeypatch.setattr(gpu_check, "DRY_RUN_SIZES", tiny)
+
+
+def test_predictions_outside_the_tolerance_fail_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dry_run
+) -> None:
     # An impossible tolerance: even identical predictions now count as a disagreement.
     monkeypatch.setattr(gpu_check, "TOLERANCE", {"fp32": -1.0, "fp16": -1.0, "bf16": -1.0})
 
@@ -95,3 +100,21 @@ def test_predictions_outside_the_tolerance_fail_the_check(
     assert status == 1 and report["status"] == "disagree"
     assert not report["models"]["embedded"]["agreement"]["cpu_bf16"]["ok"]
     assert "**no**" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_failing_step_is_reported_and_the_other_model_still_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dry_run
+) -> None:
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "_probe_run", broken)  # only the resnet50 model probes
+
+    status = gpu_check.run_check(tmp_path, cpu_dry_run=True)
+
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert status == 1 and report["status"] == "error"
+    assert "illegal memory access" in report["models"]["resnet50"]["error"]
+    assert report["models"]["embedded"]["agreement"]["cpu_bf16"]["ok"]
+    assert "**failed**" in (tmp_path / "gpu_check.md").read_text()
