@@ -32,7 +32,8 @@ def keep_freed_memory_for_reuse() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         _tuned = bool(
-            libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
+            libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)
+            and libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
         )
     except (OSError, AttributeError):  # musl (Alpine) and other C libraries have no mallopt
         return False

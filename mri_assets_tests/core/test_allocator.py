@@ -20,8 +20,10 @@ def test_tunes_glibc_once_and_reports_it(monkeypatch):
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: RecordingLibc())
     assert allocator.keep_freed_memory_for_reuse()
     assert allocator.keep_freed_memory_for_reuse()  # the second call changes nothing
-    assert calls == [(allocator.M_MMAP_THRESHOLD, allocator.KEEP_BYTES),
-                     (allocator.M_TRIM_THRESHOLD, allocator.KEEP_BYTES)]
+    assert calls == [
+        (allocator.M_MMAP_THRESHOLD, allocator.KEEP_BYTES),
+        (allocator.M_TRIM_THRESHOLD, allocator.KEEP_BYTES),
+    ]
 
 
 def test_a_libc_without_mallopt_is_left_alone(monkeypatch):
