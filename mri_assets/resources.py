@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from mri_assets.core.catalog import exclusive_lock
-from mri_assets.core.landing import Landing, LocalLanding, S3Landing
+from mri_assets.core.landing import S3_CLIENT_SETTINGS, Landing, LocalLanding, S3Landing
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.settings import SETTING, Settings
 
@@ -64,8 +64,28 @@ class LandingZoneResource(dg.ConfigurableResource):
     def open(self) -> Landing:
         location = self.resolved_location()
         if location.startswith("s3://"):
-            return S3Landing(self.s3.get_client(), location)
+            return S3Landing(self.s3_client(), location)
         return LocalLanding(Path(location).expanduser().resolve())
+
+    def s3_client(self):
+        """A boto3 S3 client from the ``s3`` resource's settings, with bounded waits
+        (landing.S3_CLIENT_SETTINGS): S3Resource.get_client has no timeouts to set."""
+        import boto3
+        from botocore.config import Config
+
+        s3 = self.s3
+        session = boto3.session.Session(profile_name=s3.profile_name)
+        return session.client(
+            "s3",
+            region_name=s3.region_name,
+            endpoint_url=s3.endpoint_url,
+            use_ssl=s3.use_ssl,
+            verify=s3.verify,
+            aws_access_key_id=s3.aws_access_key_id,
+            aws_secret_access_key=s3.aws_secret_access_key,
+            aws_session_token=s3.aws_session_token,
+            config=Config(**S3_CLIENT_SETTINGS),
+        )
 
 
 class WarehouseResource(dg.ConfigurableResource):

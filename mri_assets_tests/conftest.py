@@ -49,26 +49,29 @@ def mri_env(tmp_path, monkeypatch) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def moto_server():
-    """moto's standalone S3 server on a free loopback port; yields its endpoint URL."""
+def start_moto_server() -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on a free loopback port: (its process, its endpoint URL)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return process, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.1)
-    else:
-        process.kill()
-        raise RuntimeError("moto server did not start")
+    process.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server for the session; yields its endpoint URL."""
+    process, endpoint = start_moto_server()
     yield endpoint
     process.terminate()
     process.wait(timeout=10)

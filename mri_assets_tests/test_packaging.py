@@ -101,6 +101,7 @@ def test_every_checked_library_has_a_floor() -> None:
     assert sorted(declared_floors()) == sorted(CHECKED)
 
 
+@pytest.mark.slow
 def test_the_code_works_with_the_declared_dependency_floors(tmp_path: Path) -> None:
     floors = declared_floors()
     target = tmp_path / "floors"

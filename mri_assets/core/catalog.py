@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -34,7 +35,18 @@ CREATE TABLE IF NOT EXISTS landed_images (
     source_format VARCHAR,
     size_bytes BIGINT,
     first_seen TIMESTAMP NOT NULL,
-    updated_at TIMESTAMP NOT NULL
+    updated_at TIMESTAMP NOT NULL,
+    pixel_sha256 VARCHAR,               -- of the decoded pixels: one id per content, any encoding
+    perceptual_hash VARCHAR             -- 64-bit dHash, hex: near-identical slices are close
+);
+-- Catalogues made before content hashes existed gain the columns (their rows keep NULL).
+ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS pixel_sha256 VARCHAR;
+ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS perceptual_hash VARCHAR;
+CREATE TABLE IF NOT EXISTS landing_removals (
+    source_key VARCHAR NOT NULL,
+    split_folder VARCHAR NOT NULL,
+    sha256 VARCHAR,                     -- of the content it held, when it had been accepted
+    removed_at TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS landing_rejections (
     source_key VARCHAR NOT NULL,
@@ -63,17 +75,21 @@ CREATE TABLE IF NOT EXISTS dataset_members (
 # First come, first served: an image belongs to the split it was first seen in (test wins a tie,
 # so the held-out set is never thinned by a simultaneous train copy); later copies of the same
 # content are recorded as duplicates with the reason, and content carrying two labels is excluded.
+# "Same content" means the same decoded pixels, so a PNG and a BMP of one slice are one image.
 IMAGES_QUERY = """
-WITH ranked AS (
+WITH content AS (
+    SELECT *, coalesce(pixel_sha256, sha256) AS content_id FROM landed_images
+),
+ranked AS (
     SELECT *,
         row_number() OVER owner_order AS copy_rank,
         first_value(source_key) OVER owner_order AS owner_key,
         first_value(split_folder) OVER owner_order AS owner_split,
-        min(label) OVER (PARTITION BY sha256) AS min_label,
-        max(label) OVER (PARTITION BY sha256) AS max_label
-    FROM landed_images
+        min(label) OVER (PARTITION BY content_id) AS min_label,
+        max(label) OVER (PARTITION BY content_id) AS max_label
+    FROM content
     WINDOW owner_order AS (
-        PARTITION BY sha256
+        PARTITION BY content_id
         ORDER BY first_seen, CASE split_folder WHEN 'test' THEN 0 ELSE 1 END, source_key
         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING
     )
@@ -99,7 +115,9 @@ SELECT
     width,
     height,
     source_format,
-    first_seen
+    first_seen,
+    content_id,
+    perceptual_hash
 FROM ranked
 ORDER BY source_key
 """
@@ -152,31 +170,40 @@ def ledger_fingerprints(conn, split_folder: str) -> dict[str, str]:
     return dict(rows)
 
 
-def accepted_sha256s(conn) -> set[str]:
-    ensure_schema(conn)
-    return {row[0] for row in conn.execute("SELECT DISTINCT sha256 FROM landed_images").fetchall()}
+def record_ingest(
+    conn,
+    accepted: pd.DataFrame,
+    rejected: pd.DataFrame,
+    ledger: pd.DataFrame,
+    removed: pd.DataFrame | None = None,
+) -> None:
+    """Upsert one ingest batch in a single transaction: all of it lands or none of it.
 
-
-def record_ingest(conn, accepted: pd.DataFrame, rejected: pd.DataFrame, ledger: pd.DataFrame) -> None:
-    """Upsert one ingest batch in a single transaction: all of it lands or none of it."""
+    ``removed`` (source_key, split_folder, removed_at): objects gone from the landing zone. They
+    leave ``landed_images``, the ledger and the rejections, and are kept in ``landing_removals``.
+    """
     ensure_schema(conn)
     conn.execute("BEGIN TRANSACTION")
     try:
+        if removed is not None and len(removed):
+            _record_removals(conn, removed)
         if len(accepted):
             conn.register("batch_accepted", accepted)
             # A rewritten key keeps its first_seen (the update leaves it out): the image's place
             # in the split is unchanged.
             conn.execute(
                 """
-                INSERT INTO landed_images
+                INSERT INTO landed_images BY NAME
                 SELECT source_key, split_folder, sha256, label, width, height, source_mode,
-                       source_format, size_bytes, processed_at, processed_at
+                       source_format, size_bytes, processed_at AS first_seen,
+                       processed_at AS updated_at, pixel_sha256, perceptual_hash
                 FROM batch_accepted
                 ON CONFLICT (source_key) DO UPDATE SET
                     sha256 = excluded.sha256, label = excluded.label, width = excluded.width,
                     height = excluded.height, source_mode = excluded.source_mode,
                     source_format = excluded.source_format, size_bytes = excluded.size_bytes,
-                    updated_at = excluded.updated_at
+                    updated_at = excluded.updated_at, pixel_sha256 = excluded.pixel_sha256,
+                    perceptual_hash = excluded.perceptual_hash
                 """
             )
             conn.unregister("batch_accepted")
@@ -206,6 +233,28 @@ def record_ingest(conn, accepted: pd.DataFrame, rejected: pd.DataFrame, ledger: 
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _record_removals(conn, removed: pd.DataFrame) -> None:
+    conn.register("batch_removed", removed)
+    conn.execute(
+        """
+        INSERT INTO landing_removals
+        SELECT r.source_key, r.split_folder, a.sha256, r.removed_at
+        FROM batch_removed r LEFT JOIN landed_images a USING (source_key)
+        """
+    )
+    for table in ("landed_images", "landing_ledger", "landing_rejections"):
+        conn.execute(
+            f"DELETE FROM {table} WHERE source_key IN (SELECT source_key FROM batch_removed)"
+        )
+    conn.unregister("batch_removed")
+
+
+def removals(conn) -> pd.DataFrame:
+    """Every object removed from the landing zone after it was ingested, newest first."""
+    ensure_schema(conn)
+    return conn.execute("SELECT * FROM landing_removals ORDER BY removed_at DESC").df()
 
 
 def rebuild_images(conn) -> pd.DataFrame:
@@ -279,8 +328,12 @@ def record_split_table(conn, split: str) -> SplitSnapshot:
     ).fetchall()[0][0]
     if not exists:
         members = pd.DataFrame(
-            {"version": snapshot.version, "split": split,
-             "sha256": list(snapshot.sha256s), "label": list(snapshot.labels)}
+            {
+                "version": snapshot.version,
+                "split": split,
+                "sha256": list(snapshot.sha256s),
+                "label": list(snapshot.labels),
+            }
         )
         conn.register("new_members", members)
         conn.execute("INSERT INTO dataset_members SELECT * FROM new_members")
@@ -299,25 +352,36 @@ def read_split_table(conn, split: str) -> SplitSnapshot:
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
     ).fetchall()[0][0]
     if not present:
-        raise LookupError(
-            f"table {table} does not exist yet: materialize the {table} asset first"
-        )
+        raise LookupError(f"table {table} does not exist yet: materialize the {table} asset first")
     rows = conn.execute(f"SELECT sha256, label FROM {table} ORDER BY sha256").fetchall()
     sha256s = tuple(r[0] for r in rows)
     labels = tuple(r[1] for r in rows)
     return SplitSnapshot(split, dataset_version(sha256s, labels), sha256s, labels)
 
 
-def known_images(conn) -> dict:
-    """sha256 -> KnownImage for all accepted content, so re-landed content is not decoded."""
-    from mri_assets.core.ingest import KnownImage
+class KnownImage(NamedTuple):
+    """What the catalogue already knows about accepted content, so it is not decoded again.
 
+    A tuple, not a dataclass: a run builds one per accepted image, and a tuple is the cheapest
+    record per image, which matters to a small increment's budget."""
+
+    width: int
+    height: int
+    source_mode: str | None
+    source_format: str | None
+    pixel_sha256: str | None
+    perceptual_hash: str | None
+
+
+def known_images(conn) -> dict[str, KnownImage]:
+    """sha256 -> KnownImage for all accepted content, so re-landed content is not decoded."""
     ensure_schema(conn)
     rows = conn.execute(
         "SELECT sha256, any_value(width), any_value(height), any_value(source_mode), "
-        "any_value(source_format) FROM landed_images GROUP BY sha256"
+        "any_value(source_format), any_value(pixel_sha256), any_value(perceptual_hash) "
+        "FROM landed_images GROUP BY sha256"
     ).fetchall()
-    return {sha: KnownImage(w, h, mode, fmt) for sha, w, h, mode, fmt in rows}
+    return {row[0]: KnownImage(*row[1:]) for row in rows}
 
 
 def landing_totals(conn, split_folder: str) -> dict[str, int]:
@@ -365,7 +429,15 @@ def sync_deployments(conn, history: list[dict]) -> int:
     conn.execute(DEPLOYMENTS_SCHEMA)
     recorded = conn.execute("SELECT count(*) FROM deployments").fetchall()[0][0]
     missing = [
-        [seq, e["version"], e["action"], e["auc"], e["test_set_version"], e["deployed_at"], e["reason"]]
+        [
+            seq,
+            e["version"],
+            e["action"],
+            e["auc"],
+            e["test_set_version"],
+            e["deployed_at"],
+            e["reason"],
+        ]
         for seq, e in enumerate(history)
         if seq >= recorded
     ]

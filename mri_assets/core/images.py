@@ -1,10 +1,19 @@
-"""Decoding and validation of landed image files: bytes in, normalised RGB pixels or a reason out."""
+"""Decoding and validation of landed image files: bytes in, normalised RGB pixels or a reason out.
+
+Only the formats a scanner export or a data set ships are read (``ACCEPTED_FORMATS``): PIL knows
+dozens more, some of which hand the bytes to outside programs (EPS goes to Ghostscript). Memory is
+bounded by the decoded output, not by the source: a 16-bit scan is stretched to 8 bits in row
+chunks, never as a float64 copy of the whole image.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +21,15 @@ from PIL import Image, UnidentifiedImageError
 
 # 50 MP: far above any MRI slice (a 1024x1024 scan is 1 MP), far below what exhausts memory.
 DEFAULT_MAX_PIXELS = 50_000_000
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
+# Peak bytes per pixel while one image decodes: the source in PIL (up to 4 for RGBA or 32-bit
+# gray), its array view (as many again) and the RGB output (3). Used to bound concurrent decodes.
+DECODE_BYTES_PER_PIXEL = 11
+# Rows converted at a time: big enough for numpy to run at full speed, small enough that the
+# float32 temporaries stay a few MB whatever the image size.
+_CHUNK_ROWS = 256
+# Perceptual hashes this close (of 64 bits) are the same slice re-encoded, resized or re-windowed.
+NEAR_DUPLICATE_BITS = 4
 
 
 class ImageRejected(ValueError):
@@ -26,10 +43,12 @@ class ImageRejected(ValueError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    sha256: str
+    sha256: str  # of the file's bytes: identifies the file
     pixels: np.ndarray  # (height, width, 3) uint8 RGB
     source_mode: str
     source_format: str
+    pixel_sha256: str  # of the decoded pixels: identifies the content, whatever the encoding
+    perceptual_hash: str  # 64-bit difference hash, 16 hex digits: near-identical slices agree
 
     @property
     def height(self) -> int:
@@ -44,31 +63,117 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def pixel_hash(pixels: np.ndarray) -> str:
+    """sha256 of the normalised pixels and their shape: equal for the same image saved as PNG or
+    BMP, or with other compression settings."""
+    digest = hashlib.sha256(repr(pixels.shape).encode())
+    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+    return digest.hexdigest()
+
+
+def perceptual_hash(pixels: np.ndarray) -> str:
+    """A 64-bit difference hash (dHash): the sign of each horizontal step of a 9x8 thumbnail.
+
+    Survives re-encoding, resizing and small intensity changes, so two slices a few bits apart
+    are the same slice for train/test leakage purposes."""
+    gray = Image.fromarray(pixels).convert("L")
+    thumb = np.asarray(gray.resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    bits = (thumb[:, 1:] > thumb[:, :-1]).flatten()
+    return f"{int(np.packbits(bits).view('>u8')[0]):016x}"
+
+
+def near_duplicate_pairs(
+    train: list[tuple[str, str]], test: list[tuple[str, str]], max_bits: int = NEAR_DUPLICATE_BITS
+) -> list[tuple[str, str, int]]:
+    """(train key, test key, differing bits) of every (key, perceptual hash) pair across the two
+    lists within ``max_bits``, closest first."""
+    if not train or not test:
+        return []
+    train_bits = np.array([int(h, 16) for _, h in train], dtype=np.uint64)
+    found = []
+    for test_key, test_hash in test:
+        differing = train_bits ^ np.uint64(int(test_hash, 16))
+        distances = np.unpackbits(differing.view(np.uint8)).reshape(-1, 64).sum(axis=1)
+        for index in np.flatnonzero(distances <= max_bits):
+            found.append((train[index][0], test_key, int(distances[index])))
+    return sorted(found, key=lambda pair: (pair[2], pair[0], pair[1]))
+
+
+class MemoryBudget:
+    """Bounds the bytes held by decodes in flight across threads.
+
+    A decode reserves its estimated peak before it loads pixels and waits while the others hold
+    too much; a single image larger than the whole budget still runs, alone."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._in_use = 0
+        self._ready = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._ready:
+            self._ready.wait_for(
+                lambda: self._in_use == 0 or self._in_use + nbytes <= self.limit_bytes
+            )
+            self._in_use += nbytes
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._in_use -= nbytes
+                self._ready.notify_all()
+
+
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     """Normalise any PIL mode (L, RGB, RGBA, P, CMYK, I;16, I, F, LA, ...) to uint8 RGB."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if mode.startswith("I") or mode == "F":
         # 16-bit and float scans: stretch the used range to 0..255 rather than clip it.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        gray = scaled.round().astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return _stretch_to_rgb(np.asarray(image))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Composite on black: MRI background is black, so transparency must not turn white.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
+        return _composite_on_black(np.asarray(rgba))
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def _stretch_to_rgb(array: np.ndarray) -> np.ndarray:
+    """Linear stretch of a one-channel array's used range to uint8, written straight into the
+    RGB output a chunk of rows at a time."""
+    low, high = float(array.min()), float(array.max())
+    scale = 255.0 / (high - low) if high > low else 0.0
+    out = np.empty((*array.shape[:2], 3), dtype=np.uint8)
+    for start in range(0, array.shape[0], _CHUNK_ROWS):
+        chunk = array[start : start + _CHUNK_ROWS].astype(np.float32)
+        chunk -= low
+        chunk *= scale
+        out[start : start + _CHUNK_ROWS] = np.rint(chunk).astype(np.uint8)[:, :, None]
+    return out
+
+
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    """RGB premultiplied by alpha (alpha compositing over opaque black), a chunk at a time."""
+    out = np.empty((*rgba.shape[:2], 3), dtype=np.uint8)
+    for start in range(0, rgba.shape[0], _CHUNK_ROWS):
+        chunk = rgba[start : start + _CHUNK_ROWS].astype(np.uint16)
+        rgb = chunk[:, :, :3] * chunk[:, :, 3:4] + 127
+        out[start : start + _CHUNK_ROWS] = (rgb // 255).astype(np.uint8)
+    return out
+
+
 def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, sha256: str | None = None
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    sha256: str | None = None,
+    memory: MemoryBudget | None = None,
 ) -> DecodedImage:
     """Fully decode and validate one file's bytes (``sha256``: their hash, if already known).
 
-    Raises ImageRejected with reason ``empty_file``, ``not_an_image``, ``too_large`` or
-    ``truncated`` (anything that fails to decode completely).
+    Raises ImageRejected with reason ``empty_file``, ``not_an_image``, ``unsupported_format``,
+    ``multi_frame``, ``too_large`` or ``truncated`` (anything that fails to decode completely).
+    ``memory``: a budget shared by concurrent decodes; this one holds its estimated peak in it.
+    Errors that are not about the bytes (MemoryError, ...) propagate: they are not rejections.
     """
     if not data:
         raise ImageRejected("empty_file", "the file has zero bytes")
@@ -77,23 +182,54 @@ def decode_image(
         with warnings.catch_warnings():
             # PIL warns before it raises; a bomb must be an error, never a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _open_accepted(data)
             fmt = image.format or "unknown"
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected(
                     "too_large", f"{width}x{height} exceeds the {max_pixels:,}-pixel limit"
                 )
-            image.load()
-            pixels = to_rgb_uint8(image)
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise ImageRejected(
+                    "multi_frame",
+                    f"a {fmt} file of {frames} frames; land each slice as its own file",
+                )
+            with memory.reserve(width * height * DECODE_BYTES_PER_PIXEL) if memory else _nothing():
+                image.load()
+                mode = image.mode
+                pixels = to_rgb_uint8(image)
+                image.close()  # the source pixels are not needed once converted
     except ImageRejected:
         raise
-    except UnidentifiedImageError as error:
-        raise ImageRejected("not_an_image", "no image format recognised") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageRejected("too_large", str(error)) from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageRejected("truncated", f"decoding failed: {error}") from error
     if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageRejected("not_an_image", f"decoded to an empty array {pixels.shape}")
-    return DecodedImage(digest, pixels, image.mode, fmt)
+    return DecodedImage(digest, pixels, mode, fmt, pixel_hash(pixels), perceptual_hash(pixels))
+
+
+def _open_accepted(data: bytes) -> Image.Image:
+    """``Image.open`` restricted to ACCEPTED_FORMATS; anything else gets a specific reason."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        pass
+    try:
+        # Header only, to name what it is; nothing here loads or runs the other format's decoder.
+        other = Image.open(io.BytesIO(data)).format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        other = None
+    if other:
+        raise ImageRejected(
+            "unsupported_format",
+            f"{other} is not an accepted format ({', '.join(ACCEPTED_FORMATS)})",
+        )
+    raise ImageRejected("not_an_image", "no image format recognised")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

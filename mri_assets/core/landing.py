@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 SPLITS = ("train", "test")
+# botocore client settings for the landing zone. A sensor tick must end well inside Dagster's
+# sensor timeout (60 s) even when the endpoint accepts connections and never answers: each call
+# gives up after 2 attempts of at most 3 s to connect and 10 s of silence while reading.
+S3_CLIENT_SETTINGS = {
+    "connect_timeout": 3,
+    "read_timeout": 10,
+    "retries": {"total_max_attempts": 2, "mode": "standard"},
+}
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,10 @@ class LandedObject:
     key: str
     size: int
     fingerprint: str  # changes whenever the object is rewritten
+    # Set when the listing itself shows the entry cannot be used (a link out of the zone, a name
+    # that is not UTF-8, a FIFO): it is recorded as rejected without being read.
+    reason: str | None = None
+    detail: str | None = None
 
     @property
     def split_folder(self) -> str:
@@ -49,9 +61,7 @@ def listing_digest(objects: list[LandedObject]) -> str:
     """A digest of a listing: equal digests mean nothing was added, rewritten or removed."""
     # One hash over one joined string: the same bytes (so the same digest, and stored sensor
     # cursors stay valid) as one update per object, at a fraction of the cost per object.
-    lines = "".join(
-        f"{obj.key}\0{obj.fingerprint}\n" for obj in sorted(objects, key=_key_of)
-    )
+    lines = "".join(f"{obj.key}\0{obj.fingerprint}\n" for obj in sorted(objects, key=_key_of))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -60,37 +70,88 @@ def _key_of(obj: LandedObject) -> str:
 
 
 class LocalLanding:
-    """A landing zone on the local file system (or any mounted volume)."""
+    """A landing zone on the local file system (or any mounted volume).
+
+    It never reads outside itself: a link that resolves outside the zone is listed as rejected
+    (``outside_landing``), and links inside it are followed (a loop is rejected, not followed)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.location = str(self.root)
 
     def list_objects(self, split: str) -> Iterator[LandedObject]:
-        """Every file under ``root/split`` (any depth), with size and a change fingerprint."""
+        """Every entry under ``root/split`` (any depth), with size and a change fingerprint."""
         # Plain strings, not Path objects: building and relativising a Path per file cost more
-        # than the stat itself (a 100,000-file listing ran 2.3x slower; see benchmarks/).
+        # than the stat itself on large listings (see benchmarks/sensor.py).
         root = os.path.join(os.fspath(self.root), "")
         base = root + split
         if not os.path.isdir(base):
             return
+        real_root = os.path.join(os.path.realpath(root), "")
+        followed: set[str] = set()  # real folders entered through a link: a second visit is a loop
         stack = [base]
         while stack:
             with os.scandir(stack.pop()) as entries:
                 for entry in entries:
+                    key = entry.path[len(root) :]
+                    if os.sep != "/":
+                        key = key.replace(os.sep, "/")
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
-                    elif entry.is_file():
-                        stat = entry.stat()
-                        key = entry.path[len(root) :]
-                        if os.sep != "/":
-                            key = key.replace(os.sep, "/")
-                        # ctime changes on every write or rename, even when a copy keeps mtime.
-                        fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
-                        yield LandedObject(key, stat.st_size, fingerprint)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield _local_object(key, entry.stat(follow_symlinks=False))
+                    elif entry.is_symlink():
+                        followed_folder = self._follow_link(entry, key, real_root, followed)
+                        if isinstance(followed_folder, str):
+                            stack.append(followed_folder)
+                        else:
+                            yield followed_folder
+                    else:
+                        yield _rejected_entry(
+                            key,
+                            entry.stat(follow_symlinks=False),
+                            "not_a_file",
+                            "a FIFO, socket or device, not a regular file",
+                        )
+
+    @staticmethod
+    def _follow_link(entry: os.DirEntry, key: str, real_root: str, followed: set[str]):
+        """A link's target: a folder path to descend into, or the object to yield."""
+        link_stat = entry.stat(follow_symlinks=False)
+        target = os.path.realpath(entry.path)
+        if not (target + os.sep).startswith(real_root):
+            return _rejected_entry(
+                key,
+                link_stat,
+                "outside_landing",
+                "a link to a file outside the landing zone; copy the scan into the zone instead",
+            )
+        try:
+            stat = os.stat(target)
+        except OSError:
+            return _rejected_entry(
+                key, link_stat, "broken_link", "a link whose target does not exist"
+            )
+        if os.path.isdir(target):
+            if target in followed:
+                return _rejected_entry(
+                    key, link_stat, "link_loop", "a link to a folder already listed"
+                )
+            followed.add(target)
+            return entry.path
+        if not os.path.isfile(target):
+            return _rejected_entry(
+                key, link_stat, "not_a_file", "a link to a FIFO, socket or device"
+            )
+        return _local_object(key, stat)
 
     def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+        path = os.path.realpath(self.root / key)
+        if not path.startswith(os.path.join(os.path.realpath(self.root), "")):
+            # Listing rejects such links; this catches a link swapped in after the listing.
+            raise PermissionError(f"{key} resolves outside the landing zone {self.root}")
+        with open(path, "rb") as handle:
+            return handle.read()
 
     def write(self, key: str, data: bytes) -> None:
         """Write through a hidden temp file and rename, so no listing sees a partial file."""
@@ -104,6 +165,39 @@ class LocalLanding:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _local_object(key: str, stat: os.stat_result) -> LandedObject:
+    # ctime changes on every write or rename, even when a copy keeps mtime.
+    fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    if not _is_utf8(key):
+        return LandedObject(
+            _escaped(key),
+            stat.st_size,
+            fingerprint,
+            "bad_file_name",
+            "the name is not valid UTF-8 (shown with \\x escapes); rename the file",
+        )
+    return LandedObject(key, stat.st_size, fingerprint)
+
+
+def _rejected_entry(key: str, stat: os.stat_result, reason: str, detail: str) -> LandedObject:
+    fingerprint = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    return LandedObject(_escaped(key), stat.st_size, fingerprint, reason, detail)
+
+
+def _is_utf8(name: str) -> bool:
+    # os.scandir decodes undecodable bytes to lone surrogates, which no UTF-8 encoder accepts.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(name: str) -> str:
+    """The name's bytes as text: valid UTF-8 kept, other bytes as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def parse_s3_location(location: str) -> tuple[str, str]:
@@ -136,10 +230,19 @@ class S3Landing:
         for page in pages:
             for item in page.get("Contents", []):
                 key = item["Key"][len(self.prefix) :]
-                if key.endswith("/"):
-                    continue  # folder placeholder objects made by consoles
                 etag = item.get("ETag", "").strip('"')
                 fingerprint = f"{item['Size']}:{etag}:{item['LastModified'].timestamp()}"
+                if key.endswith("/"):
+                    if not item["Size"]:
+                        continue  # a folder placeholder made by consoles: a folder, not a scan
+                    yield LandedObject(
+                        key,
+                        int(item["Size"]),
+                        fingerprint,
+                        "not_a_file",
+                        "an object whose key ends in '/' holds data; give it a file name",
+                    )
+                    continue
                 yield LandedObject(key, int(item["Size"]), fingerprint)
 
     def read(self, key: str) -> bytes:

@@ -1,14 +1,18 @@
-"""Ingest stage: sensors that watch the landing zone and the raw image assets they materialize."""
+"""Ingest stage: sensors that watch the landing zone and the raw image assets they materialize.
 
+Healing: a landing sensor asks for a run until the catalogue confirms it recorded the listing
+(the asset's ``listing_digest``), not merely until it asked once. A failed or killed run is asked
+for again with backoff, up to MAX_ATTEMPTS times for one listing; a new listing starts afresh.
+"""
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import dagster as dg
 
 from mri_assets.core import catalog
-from mri_assets.core.ingest import ingest_new_objects, is_in_progress
+from mri_assets.core.ingest import EmptyListingRefused, ingest_new_objects, settled_listing
 from mri_assets.core.landing import SPLITS, listing_digest
 from mri_assets.resources import (
     LandingZoneResource,
@@ -23,6 +27,23 @@ from mri_assets.resources import (
 # every other wake-up (ticks came every 10 s), so 4 s gives a tick on each wake-up, every 5 s.
 SENSOR_INTERVAL_SECONDS = 4
 MAX_SETTLE_SECONDS = 60
+# Runs asked for one listing before the sensor waits for the landing zone to change; the waits
+# between them double from RETRY_BASE_SECONDS (10, 20, 40, 80 s: a fault has minutes to clear).
+MAX_ATTEMPTS = 5
+RETRY_BASE_SECONDS = 10
+# Within a run, a step that failed (DuckDB held by another program, an S3 blip) is tried again
+# after 2 s, then 4 s, before the run fails.
+STEP_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+ATTEMPT_TAG = "mri/attempt"
 
 
 def raw_images_key(split: str) -> dg.AssetKey:
@@ -35,11 +56,13 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         group_name="ingest",
         kinds={"python", "duckdb", "s3"},
         pool="duckdb",
+        retry_policy=STEP_RETRY_POLICY,
         description=(
             f"Every object under the landing zone's `{split}/` folder, read once, validated, "
-            "hashed (sha256), its decoded pixels cached by hash, and recorded in DuckDB "
-            "(`landed_images`, `landing_rejections`, `landing_ledger`). Only new or rewritten "
-            "objects are read; nothing is moved or deleted in the landing zone."
+            "hashed (file sha256 and decoded-pixel sha256), its decoded pixels cached, and "
+            "recorded in DuckDB (`landed_images`, `landing_rejections`, `landing_ledger`, "
+            "`landing_removals`). Only new or rewritten objects are read; objects deleted from "
+            "the landing zone leave the sets. Nothing is moved or deleted in the landing zone."
         ),
     )
     def raw_images(
@@ -48,107 +71,237 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         landing: LandingZoneResource,
         warehouse: WarehouseResource,
         pixels: PixelCacheResource,
-    ) -> dg.MaterializeResult:
+    ):
         resolved = settings.resolve()
         zone = landing.open()
         # Two short connections, not one long one: the DuckDB file lock is free while the files
         # are examined (minutes for a large upload), so processes outside Dagster's `duckdb` pool
-        # (a notebook, another instance) are not shut out. It costs ~10 ms per run.
+        # (a notebook, another instance) are not shut out.
         with warehouse.connection() as conn:
             ledger = catalog.ledger_fingerprints(conn, split)
             known = catalog.known_images(conn)
-        batch = ingest_new_objects(
-            zone, split, ledger, known, resolved.classes, pixels.open(), resolved.max_image_pixels
-        )
+        try:
+            batch = ingest_new_objects(
+                zone,
+                split,
+                ledger,
+                known,
+                resolved.classes,
+                pixels.open(),
+                resolved.max_image_pixels,
+                on_progress=_progress_logger(context, split),
+            )
+        except EmptyListingRefused as refusal:
+            raise dg.Failure(str(refusal), allow_retries=False) from refusal
         with warehouse.connection() as conn:
             catalog.record_ingest(
-                conn, batch.accepted_frame(), batch.rejected_frame(), batch.ledger_frame()
+                conn,
+                batch.accepted_frame(),
+                batch.rejected_frame(),
+                batch.ledger_frame(),
+                batch.removed_frame(),
             )
             totals = catalog.landing_totals(conn, split)
-        for rejected in batch.rejected:
-            context.log.warning(f"rejected {rejected.obj.key}: {rejected.reason} ({rejected.detail})")
-        rate = batch.decoded / batch.seconds if batch.seconds else 0.0
-        context.log.info(
-            f"{split}: {len(batch.examined)} new of {batch.listed} listed, "
-            f"{len(batch.accepted)} accepted, {len(batch.rejected)} rejected in {batch.seconds:.1f}s"
-        )
-        return dg.MaterializeResult(
-            metadata={
-                "landing_zone": zone.location,
-                "objects_listed": batch.listed,
-                "new_objects": len(batch.examined),
-                "new_accepted": len(batch.accepted),
-                "new_rejected": len(batch.rejected),
-                "rejection_reasons": batch.rejection_reasons(),
-                "decoded": batch.decoded,
-                "skipped_in_progress": batch.skipped_in_progress,
-                "total_accepted": totals["accepted"],
-                "total_rejected": totals["rejected"],
-                "seconds": round(batch.seconds, 2),
-                "decoded_images_per_second": round(rate, 1),
-            },
+        _log_batch(context, batch, split)
+        yield dg.MaterializeResult(
+            metadata=_batch_metadata(batch, zone.location, totals),
             data_version=dg.DataVersion(totals["version"] or "empty"),
         )
+        if batch.failed or batch.not_tried:
+            # What could be recorded is recorded (and downstream may use it); the rest is read
+            # again by the retry, so the run fails to say the split is not complete.
+            raise dg.Failure(
+                f"{len(batch.failed)} objects could not be read and {batch.not_tried} were left "
+                f"for the retry ({batch.failure_summary()}); they were not recorded and will be "
+                "read again when the fault clears",
+                metadata={"failed": len(batch.failed), "not_tried": batch.not_tried},
+            )
 
     return raw_images
 
 
+def _progress_logger(context: dg.AssetExecutionContext, split: str):
+    """Logs ingest progress about every 10 % of the objects (at least every 500)."""
+    last = [0]
+
+    def report(done: int, total: int) -> None:
+        step = max(1, min(500, total // 10))
+        if done == total or done - last[0] >= step:
+            last[0] = done
+            context.log.info(f"{split}: examined {done} of {total} new or rewritten objects")
+
+    return report
+
+
+def _log_batch(context: dg.AssetExecutionContext, batch, split: str) -> None:
+    for rejected in batch.rejected:
+        context.log.warning(f"rejected {rejected.obj.key}: {rejected.reason} ({rejected.detail})")
+    for failed in batch.failed:
+        context.log.error(f"could not read {failed.obj.key}: {failed.error} (will retry)")
+    for key in batch.removed:
+        context.log.info(f"removed from the landing zone, leaves the {split} set: {key}")
+    context.log.info(
+        f"{split}: {len(batch.examined)} new of {batch.listed} listed, "
+        f"{len(batch.accepted)} accepted, {len(batch.rejected)} rejected, "
+        f"{len(batch.removed)} removed, {len(batch.failed)} failed in {batch.seconds:.1f}s"
+    )
+
+
+def _batch_metadata(batch, location: str, totals: dict) -> dict:
+    rate = batch.decoded / batch.seconds if batch.seconds else 0.0
+    return {
+        "landing_zone": location,
+        "objects_listed": batch.listed,
+        "new_objects": len(batch.examined),
+        "new_accepted": len(batch.accepted),
+        "new_rejected": len(batch.rejected),
+        "rejection_reasons": batch.rejection_reasons(),
+        "removed": len(batch.removed),
+        "failed_reads": len(batch.failed),
+        "not_tried": batch.not_tried,
+        "vanished_while_reading": batch.vanished,
+        "decoded": batch.decoded,
+        "skipped_in_progress": batch.skipped_in_progress,
+        "total_accepted": totals["accepted"],
+        "total_rejected": totals["rejected"],
+        "seconds": round(batch.seconds, 2),
+        "decoded_images_per_second": round(rate, 1),
+        # The sensor's proof that this listing is recorded (see evaluate_landing).
+        "listing_digest": batch.recorded_digest,
+    }
+
+
 @dataclass(frozen=True)
 class LandingCursor:
-    """What a landing sensor has seen: the listing it last ingested and the one it is watching."""
+    """What a landing sensor has seen and asked for."""
 
-    ingested: str = ""
-    seen: str = ""
-    seen_since: float = 0.0
+    seen: str = ""  # digest of the latest listing
+    seen_since: float = 0.0  # when that listing first appeared
+    requested: str = ""  # digest the latest run was asked for
+    attempts: int = 0  # runs asked for `requested`
+    requested_at: float = 0.0
 
     @classmethod
     def parse(cls, raw: str | None) -> "LandingCursor":
-        return cls(**json.loads(raw)) if raw else cls()
+        if not raw:
+            return cls()
+        known = {f.name for f in fields(cls)}  # cursors written by earlier releases had others
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
     def dump(self) -> str:
         return json.dumps(asdict(self))
 
 
-def evaluate_landing(cursor: LandingCursor, digest: str, now: float) -> tuple[LandingCursor, bool]:
+@dataclass(frozen=True)
+class LandingDecision:
+    request: bool
+    reason: str  # why not, or which attempt
+
+
+def evaluate_landing(
+    cursor: LandingCursor, digest: str, recorded: str | None, run_active: bool, now: float
+) -> tuple[LandingCursor, LandingDecision]:
     """Next cursor, and whether to request an ingest run now.
 
-    A run is requested when the listing differs from the last ingested one and either stood still
-    for one tick or has been changing for longer than MAX_SETTLE_SECONDS.
+    ``digest``: the current listing; ``recorded``: the listing the catalogue last confirmed (the
+    latest materialization's ``listing_digest``); ``run_active``: a run of this sensor is queued
+    or running. A listing is requested once it stood still for one tick (or has been changing
+    for MAX_SETTLE_SECONDS); requested again, with backoff, while it is not recorded.
     """
-    if digest == cursor.ingested:
-        return LandingCursor(cursor.ingested, digest, now), False
-    settling = bool(cursor.seen) and cursor.seen != cursor.ingested
-    if digest == cursor.seen or (settling and now - cursor.seen_since >= MAX_SETTLE_SECONDS):
-        return LandingCursor(digest, digest, now), True
-    return LandingCursor(cursor.ingested, digest, cursor.seen_since if settling else now), False
+    changed = digest != cursor.seen
+    if changed:
+        # A listing that keeps changing keeps the time it started changing, so that an upload
+        # that never pauses is still ingested after MAX_SETTLE_SECONDS.
+        was_settling = bool(cursor.seen) and cursor.seen not in (recorded, cursor.requested)
+        since = cursor.seen_since if was_settling else now
+        cursor = replace(cursor, seen=digest, seen_since=since)
+    if digest == recorded:
+        return cursor, LandingDecision(False, "nothing new")
+    if run_active:
+        return cursor, LandingDecision(False, "an ingest run is queued or running")
+    if changed and now - cursor.seen_since < MAX_SETTLE_SECONDS:
+        return cursor, LandingDecision(False, "still changing, waiting a tick")
+    if digest != cursor.requested:
+        return _requested(cursor, digest, 1, now), LandingDecision(True, "attempt 1")
+    if cursor.attempts >= MAX_ATTEMPTS:
+        return cursor, LandingDecision(
+            False,
+            f"gave up after {cursor.attempts} failed runs for this listing; "
+            "will try again when the landing zone changes",
+        )
+    wait = RETRY_BASE_SECONDS * 2 ** (cursor.attempts - 1)
+    if now - cursor.requested_at < wait:
+        left = wait - (now - cursor.requested_at)
+        return cursor, LandingDecision(
+            False, f"run {cursor.attempts} did not record the listing; retrying in {left:.0f}s"
+        )
+    attempt = cursor.attempts + 1
+    return _requested(cursor, digest, attempt, now), LandingDecision(True, f"attempt {attempt}")
+
+
+def _requested(cursor: LandingCursor, digest: str, attempt: int, now: float) -> LandingCursor:
+    return replace(cursor, requested=digest, attempts=attempt, requested_at=now)
+
+
+def recorded_listing(instance: dg.DagsterInstance, split: str) -> str | None:
+    """The listing digest of the latest materialization of ``raw_<split>_images``, if any."""
+    event = instance.get_latest_materialization_event(raw_images_key(split))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("listing_digest")
+    return getattr(value, "value", None)
+
+
+def has_active_run(instance: dg.DagsterInstance, sensor_name: str) -> bool:
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            tags={"dagster/sensor_name": sensor_name}, statuses=ACTIVE_RUN_STATUSES
+        ),
+        limit=1,
+    )
+    return bool(runs)
 
 
 def build_landing_sensor(split: str) -> dg.SensorDefinition:
+    name = f"{split}_landing_sensor"
+
     @dg.sensor(
-        name=f"{split}_landing_sensor",
+        name=name,
         target=[raw_images_key(split)],
         minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             f"Lists the landing zone's `{split}/` folder and requests a run of "
-            f"raw_{split}_images when objects were added or rewritten."
+            f"raw_{split}_images until the catalogue has recorded what it lists (added, "
+            f"rewritten or removed objects), retrying failed runs with backoff."
         ),
     )
     def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
-        listing = [o for o in landing.open().list_objects(split) if not is_in_progress(o)]
-        if not listing:
-            return dg.SkipReason(f"the landing zone's {split}/ folder is empty")
+        listing = settled_listing(landing.open().list_objects(split))
         digest = listing_digest(listing)
-        cursor, request = evaluate_landing(LandingCursor.parse(context.cursor), digest, time.time())
+        recorded = recorded_listing(context.instance, split)
+        if not listing and not recorded:
+            return dg.SkipReason(f"the landing zone's {split}/ folder is empty")
+        cursor, decision = evaluate_landing(
+            LandingCursor.parse(context.cursor),
+            digest,
+            recorded,
+            has_active_run(context.instance, name),
+            time.time(),
+        )
         context.update_cursor(cursor.dump())
-        if not request:
-            changed = digest != cursor.ingested
-            return dg.SkipReason(
-                f"{len(listing)} objects; " + ("still changing, waiting a tick" if changed else "nothing new")
-            )
+        if not decision.request:
+            return dg.SkipReason(f"{len(listing)} objects; {decision.reason}")
         return dg.RunRequest(
-            run_key=f"{split}-{digest[:20]}",
-            tags={"mri/landing_objects": str(len(listing)), "mri/split": split},
+            run_key=f"{split}-{digest[:20]}-{cursor.attempts}",
+            tags={
+                "mri/landing_objects": str(len(listing)),
+                "mri/split": split,
+                ATTEMPT_TAG: f"{cursor.attempts}/{MAX_ATTEMPTS}",
+                # This sensor retries with backoff; the instance's immediate run retries would
+                # only race it.
+                "dagster/max_retries": "0",
+            },
         )
 
     return landing_sensor

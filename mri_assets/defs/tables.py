@@ -1,12 +1,12 @@
 """Tables stage: the accepted and rejected images, the frozen train and test sets, and their checks."""
 
-
 import dagster as dg
 import pandas as pd
 
 from mri_assets.core import catalog
+from mri_assets.core.images import NEAR_DUPLICATE_BITS, near_duplicate_pairs
 from mri_assets.core.landing import SPLITS
-from mri_assets.defs.ingest import raw_images_key
+from mri_assets.defs.ingest import STEP_RETRY_POLICY, raw_images_key
 from mri_assets.resources import MriSettingsResource, WarehouseResource
 
 REJECTED_SHARE_WARNING = 0.05
@@ -34,18 +34,21 @@ def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     group_name="tables",
     kinds={"duckdb", "table"},
     pool="duckdb",
+    retry_policy=STEP_RETRY_POLICY,
     automation_condition=dg.AutomationCondition.eager(),
     description=(
         "DuckDB table `images`: one row per accepted file with its sha256, label and the split it "
-        "is used in. A copy of content already seen goes to split `duplicate` (with the reason), "
-        "so the `train` and `test` rows never share a sha256; content labelled both ways goes to "
-        "`conflict`."
+        "is used in. A copy of content already seen (the same decoded pixels, whatever the file "
+        "format or encoding) goes to split `duplicate` (with the reason), so the `train` and "
+        "`test` rows never share content; content labelled both ways goes to `conflict`. Files "
+        "removed from the landing zone leave it (see DuckDB `landing_removals`)."
     ),
 )
 def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
     with warehouse.connection() as conn:
         frame = catalog.rebuild_images(conn)
         version = catalog.table_version(conn, "images")
+        removed = catalog.removals(conn)
     excluded = frame[~frame["split"].isin(SPLITS)] if len(frame) else frame
     return dg.MaterializeResult(
         metadata={
@@ -55,7 +58,13 @@ def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
             "excluded_preview": markdown_preview(
                 excluded[["source_key", "split", "split_reason"]] if len(excluded) else excluded
             ),
-            "preview": markdown_preview(frame[["source_key", "sha256", "label", "split"]] if len(frame) else frame),
+            "preview": markdown_preview(
+                frame[["source_key", "sha256", "label", "split"]] if len(frame) else frame
+            ),
+            "removed_from_landing": len(removed),
+            "removed_preview": markdown_preview(
+                removed[["source_key", "removed_at"]] if len(removed) else removed
+            ),
         },
         data_version=dg.DataVersion(version or "empty"),
     )
@@ -66,11 +75,14 @@ def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
     group_name="tables",
     kinds={"duckdb", "table"},
     pool="duckdb",
+    retry_policy=STEP_RETRY_POLICY,
     automation_condition=dg.AutomationCondition.eager(),
     description=(
         "DuckDB table `rejected_images`: every landed object whose latest version could not be "
-        "used, with the reason (empty_file, not_an_image, truncated, unknown_label, too_large, "
-        "hidden_file, unreadable). A rejection never fails a run or holds back good files."
+        "used, with the reason (empty_file, not_an_image, unsupported_format, multi_frame, "
+        "truncated, unknown_label, too_large, hidden_file, bad_file_name, outside_landing, "
+        "broken_link, link_loop, not_a_file). A rejection never fails a run or holds back good "
+        "files; read errors (I/O, network) are not rejections: the run fails and is retried."
     ),
 )
 def rejected_images(warehouse: WarehouseResource) -> dg.MaterializeResult:
@@ -82,7 +94,9 @@ def rejected_images(warehouse: WarehouseResource) -> dg.MaterializeResult:
         metadata={
             "dagster/row_count": len(frame),
             "reasons": {str(k): int(v) for k, v in reasons.items()},
-            "preview": markdown_preview(frame[["source_key", "reason", "detail"]] if len(frame) else frame, 50),
+            "preview": markdown_preview(
+                frame[["source_key", "reason", "detail"]] if len(frame) else frame, 50
+            ),
         },
         data_version=dg.DataVersion(version or "empty"),
     )
@@ -104,6 +118,7 @@ def build_split_asset(split: str) -> dg.AssetsDefinition:
         group_name="tables",
         kinds={"duckdb", "table"},
         pool="duckdb",
+        retry_policy=STEP_RETRY_POLICY,
         output_required=False,
         automation_condition=dg.AutomationCondition.eager(),
         description=(
@@ -139,20 +154,53 @@ train_images = build_split_asset("train")
 test_images = build_split_asset("test")
 
 
-@dg.asset_check(asset=images, description="No sha256 appears in both the train and the test split.")
+@dg.asset_check(
+    asset=images,
+    description="No file and no decoded image (pixel hash) appears in both the train and the test split.",
+)
 def no_train_test_overlap(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.connection() as conn:
         shared = conn.execute(
-            "SELECT sha256 FROM images WHERE split IN ('train', 'test') "
+            "SELECT any_value(source_key) FROM images WHERE split IN ('train', 'test') "
+            "GROUP BY content_id HAVING count(DISTINCT split) > 1 "
+            "UNION ALL SELECT any_value(source_key) FROM images WHERE split IN ('train', 'test') "
             "GROUP BY sha256 HAVING count(DISTINCT split) > 1"
         ).fetchall()
     return dg.AssetCheckResult(
         passed=not shared,
-        metadata={"shared_sha256": len(shared), "examples": [r[0] for r in shared[:5]]},
+        metadata={"shared_images": len(shared), "examples": [r[0] for r in shared[:5]]},
     )
 
 
-@dg.asset_check(asset=images, description="Both classes appear in the train split and in the test split.")
+@dg.asset_check(
+    asset=images,
+    description=(
+        f"Warns when a train image and a test image are near-duplicates (perceptual hashes within "
+        f"{NEAR_DUPLICATE_BITS} of 64 bits): public MRI sets hold near-identical slices across "
+        "their folders, which inflates test metrics."
+    ),
+)
+def near_duplicates_across_splits(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.connection() as conn:
+        rows = conn.execute(
+            "SELECT source_key, split, perceptual_hash FROM images "
+            "WHERE split IN ('train', 'test') AND perceptual_hash IS NOT NULL"
+        ).fetchall()
+    pairs = near_duplicate_pairs(
+        [(key, h) for key, split, h in rows if split == "train"],
+        [(key, h) for key, split, h in rows if split == "test"],
+    )
+    preview = pd.DataFrame(pairs[:50], columns=["train_key", "test_key", "differing_bits"])
+    return dg.AssetCheckResult(
+        passed=not pairs,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"pairs": len(pairs), "examples": markdown_preview(preview, 50)},
+    )
+
+
+@dg.asset_check(
+    asset=images, description="Both classes appear in the train split and in the test split."
+)
 def both_classes_in_each_split(
     warehouse: WarehouseResource, settings: MriSettingsResource
 ) -> dg.AssetCheckResult:
@@ -165,7 +213,9 @@ def both_classes_in_each_split(
     counts = {split: {label: 0 for label in classes} for split in SPLITS}
     for split, label, count in rows:
         counts[split][label] = count
-    missing = [f"{split}/{label}" for split in SPLITS for label in classes if not counts[split][label]]
+    missing = [
+        f"{split}/{label}" for split in SPLITS for label in classes if not counts[split][label]
+    ]
     return dg.AssetCheckResult(
         passed=not missing,
         metadata={"counts": counts, "missing": missing},
@@ -193,4 +243,9 @@ def rejected_share(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 
 
 table_assets = [images, rejected_images, train_images, test_images]
-table_checks = [no_train_test_overlap, both_classes_in_each_split, rejected_share]
+table_checks = [
+    no_train_test_overlap,
+    near_duplicates_across_splits,
+    both_classes_in_each_split,
+    rejected_share,
+]

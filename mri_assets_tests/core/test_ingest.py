@@ -18,7 +18,10 @@ def ingest(landing, conn, cache, split="train"):
         landing, split, catalog.ledger_fingerprints(conn, split), catalog.known_images(conn),
         CLASSES, cache,
     )
-    catalog.record_ingest(conn, batch.accepted_frame(), batch.rejected_frame(), batch.ledger_frame())
+    catalog.record_ingest(
+        conn, batch.accepted_frame(), batch.rejected_frame(), batch.ledger_frame(),
+        batch.removed_frame(),
+    )
     return batch
 
 

@@ -38,6 +38,7 @@ def test_ingest_and_tables_end_to_end_on_a_local_folder(mri_env):
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert checks == {
             "no_train_test_overlap": True,
+            "near_duplicates_across_splits": True,
             "both_classes_in_each_split": True,
             "rejected_share": False,  # five of sixteen files are bad: a warning, not a failure
         }
