@@ -7,7 +7,7 @@ MRI_HOME ?= $(CURDIR)/.mri
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install dev test lint bench bench-quick clean
+.PHONY: install dev test lint format bench bench-quick gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,17 +27,29 @@ dev: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) MRI_HOME=$(MRI_HOME) \
 		$(BIN)/dagster dev -h $(HOST) -p $(PORT) -w workspace.yaml
 
-test: install
+# Lint first: a formatting or lint finding fails the run in a second, before the slow tests.
+test: install lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint:
-	$(BIN)/ruff check mri_assets mri_assets_tests benchmarks
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: install
 	$(BIN)/python -m benchmarks.run
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+
+# GPU check: runs $(PYTHON) as it is (no install, no network); needs torch, transformers, numpy,
+# Pillow, pandas and scikit-learn. With no GPU it says so and exits 0.
+GPU_CHECK_OUT ?= gpu-check-report
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m mri_assets.gpu_check $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf .mri .dagster_home test-artifacts

@@ -89,7 +89,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def rotated(
-    rounds: int, sides: dict[str, Callable[[], float]], budget: float = float("inf"),
+    rounds: int,
+    sides: dict[str, Callable[[], float]],
+    budget: float = float("inf"),
     min_rounds: int = 3,
 ) -> dict[str, list[float]]:
     """Run every side ``rounds`` times, rotating which goes first, so a change in the machine's
@@ -310,8 +312,13 @@ def ingest_split(landing_root: Path, home: Path, split: str, workers: int | None
     database = home / "mri.duckdb"
     with catalog.exclusive_lock(database), duckdb.connect(str(database)) as conn:
         batch = ingest_new_objects(
-            LocalLanding(landing_root), split, catalog.ledger_fingerprints(conn, split),
-            catalog.known_images(conn), ClassSpec(), PixelCache(home / "pixels"), workers=workers,
+            LocalLanding(landing_root),
+            split,
+            catalog.ledger_fingerprints(conn, split),
+            catalog.known_images(conn),
+            ClassSpec(),
+            PixelCache(home / "pixels"),
+            workers=workers,
         )
         catalog.record_ingest(
             conn, batch.accepted_frame(), batch.rejected_frame(), batch.ledger_frame()
@@ -333,8 +340,11 @@ def balanced(sha256s: list[str], labels: list[int], count: int) -> tuple[list[st
     result holds both classes)."""
     by_class = [[s for s, lab in zip(sha256s, labels, strict=True) if lab == c] for c in (0, 1)]
     half = count // 2
-    pairs = [(s, c) for group in zip(by_class[0][:half], by_class[1][:half], strict=False)
-             for c, s in enumerate(group)]
+    pairs = [
+        (s, c)
+        for group in zip(by_class[0][:half], by_class[1][:half], strict=False)
+        for c, s in enumerate(group)
+    ]
     return [s for s, _ in pairs], [c for _, c in pairs]
 
 
@@ -376,9 +386,13 @@ def main(run: Callable[[bool, Path], Result], argv: list[str] | None = None) -> 
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--scratch", type=Path, default=RESULTS / "tmp", help="work folder")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"torch threads for both sides of every comparison "
-                        f"(default {DEFAULT_THREADS}; 0: torch's default, one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"torch threads for both sides of every comparison "
+        f"(default {DEFAULT_THREADS}; 0: torch's default, one per core)",
+    )
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
     args.scratch.mkdir(parents=True, exist_ok=True)

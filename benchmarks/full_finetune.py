@@ -64,10 +64,18 @@ def warm_up(base, sha256s, labels, by_sha, inputs, targets) -> None:
     """Both sides once on a few images, untimed: first-call set-up (kernels, lazy imports)."""
     from mri_assets.core.train import TrainConfig, fine_tune
 
-    config = TrainConfig(strategy="full", epochs=1, batch_size=8, augment=False,
-                         validation_fraction=0.0)
-    fine_tune(copy.deepcopy(base.model), base.preprocessing, sha256s, labels,
-              lambda s: [by_sha[x] for x in s], config, log=quiet)
+    config = TrainConfig(
+        strategy="full", epochs=1, batch_size=8, augment=False, validation_fraction=0.0
+    )
+    fine_tune(
+        copy.deepcopy(base.model),
+        base.preprocessing,
+        sha256s,
+        labels,
+        lambda s: [by_sha[x] for x in s],
+        config,
+        log=quiet,
+    )
     bare_loop(copy.deepcopy(base.model), inputs, targets, 1, config.lr, config.weight_decay)
 
 
@@ -90,8 +98,9 @@ def run(quick: bool, scratch: Path) -> Result:
     by_sha = dict(zip(sha256s, arrays, strict=True))
     prep_seconds, inputs = timed(lambda: preprocess_pixels(arrays, base.preprocessing))
     targets = torch.tensor(labels)
-    config = TrainConfig(strategy="full", epochs=epochs, batch_size=BATCH, augment=False,
-                         validation_fraction=0.0)
+    config = TrainConfig(
+        strategy="full", epochs=epochs, batch_size=BATCH, augment=False, validation_fraction=0.0
+    )
     peaks = {"ours": 0.0, "reference": 0.0}
 
     def measure(side: str, fn) -> float:
@@ -103,13 +112,24 @@ def run(quick: bool, scratch: Path) -> Result:
         return seconds
 
     def ours() -> float:
-        return measure("ours", lambda m: fine_tune(
-            m, base.preprocessing, sha256s, labels, lambda s: [by_sha[x] for x in s], config,
-            log=quiet))
+        return measure(
+            "ours",
+            lambda m: fine_tune(
+                m,
+                base.preprocessing,
+                sha256s,
+                labels,
+                lambda s: [by_sha[x] for x in s],
+                config,
+                log=quiet,
+            ),
+        )
 
     def reference() -> float:
-        return measure("reference", lambda m: bare_loop(
-            m, inputs, targets, epochs, config.lr, config.weight_decay))
+        return measure(
+            "reference",
+            lambda m: bare_loop(m, inputs, targets, epochs, config.lr, config.weight_decay),
+        )
 
     with RssSampler() as sampler:
         warm_up(base, sha256s[:16], labels[:16], by_sha, inputs[:16], targets[:16])
@@ -125,21 +145,32 @@ def _result(mine, theirs, peaks, prep_seconds, count, epochs, rounds) -> Result:
     overhead = ratio - 1
     steps = epochs * sum(1 for s in range(0, count, BATCH) if count - s >= 2)
     result = Result("full_finetune", "Full fine-tune: our loop vs a bare PyTorch loop")
-    result.figures.append(Figure(
-        "full_finetune_overhead",
-        f"full fine-tune, {count} images, {steps} steps of {BATCH} (embedded ResNet, 128 px)",
-        ours_s, bare_s, "s", ratio, "our time / bare loop time",
-        target=f"<= {1 + TARGET_OVERHEAD:.2f} (overhead within {TARGET_OVERHEAD:.0%})",
-        met=overhead <= TARGET_OVERHEAD, peak_rss_mb=peaks,
-        note=f"overhead {overhead:+.1%}",
-        reason=f"Preprocessing the cached pixels into tensors (resize to 128 px, normalise) "
-        f"costs {prep_seconds / bare_s:.0%} of the bare loop's time, a fixed cost that more "
-        f"epochs dilute; the rest ({(ours_s - prep_seconds) / bare_s - 1:+.0%}) is "
-        "deterministic mode, the one-cycle schedule and the best-epoch state copies.",
-    ))
+    result.figures.append(
+        Figure(
+            "full_finetune_overhead",
+            f"full fine-tune, {count} images, {steps} steps of {BATCH} (embedded ResNet, 128 px)",
+            ours_s,
+            bare_s,
+            "s",
+            ratio,
+            "our time / bare loop time",
+            target=f"<= {1 + TARGET_OVERHEAD:.2f} (overhead within {TARGET_OVERHEAD:.0%})",
+            met=overhead <= TARGET_OVERHEAD,
+            peak_rss_mb=peaks,
+            note=f"overhead {overhead:+.1%}",
+            reason=f"Preprocessing the cached pixels into tensors (resize to 128 px, normalise) "
+            f"costs {prep_seconds / bare_s:.0%} of the bare loop's time, a fixed cost that more "
+            f"epochs dilute; the rest ({(ours_s - prep_seconds) / bare_s - 1:+.0%}) is "
+            "deterministic mode, the one-cycle schedule and the best-epoch state copies.",
+        )
+    )
     result.params = {
-        "images": count, "epochs": epochs, "steps": steps, "rounds": len(mine),
-        "ours_seconds": mine, "reference_seconds": theirs,
+        "images": count,
+        "epochs": epochs,
+        "steps": steps,
+        "rounds": len(mine),
+        "ours_seconds": mine,
+        "reference_seconds": theirs,
         "preprocess_seconds": prep_seconds,
     }
     result.notes = [

@@ -61,7 +61,9 @@ def run(quick: bool, scratch: Path) -> Result:
         shas, labels = accepted_images(ingest_split(root, home, split))
         sha256s, indices = sha256s + shas, indices + labels
     labels = tuple(classes.names[i] for i in indices)
-    snapshot = SplitSnapshot("test", dataset_version(tuple(sha256s), labels), tuple(sha256s), labels)
+    snapshot = SplitSnapshot(
+        "test", dataset_version(tuple(sha256s), labels), tuple(sha256s), labels
+    )
     cache = PixelCache(home / "pixels")
     base = load_base_model("embedded", classes, work / "base")
     model, preprocessing = base.model, base.preprocessing
@@ -70,7 +72,9 @@ def run(quick: bool, scratch: Path) -> Result:
     sides = {
         "reference": lambda: bare_forward(model, inputs),
         "predict": lambda: predict_probabilities(model, preprocessing, pixels, BATCH),
-        "evaluate": lambda: evaluate(model, preprocessing, snapshot, cache, classes, "bench", BATCH),
+        "evaluate": lambda: evaluate(
+            model, preprocessing, snapshot, cache, classes, "bench", BATCH
+        ),
     }
     peaks = dict.fromkeys(sides, 0.0)
 
@@ -90,32 +94,56 @@ def run(quick: bool, scratch: Path) -> Result:
         times = rotated(rounds, {name: measured(name) for name in sides}, budget=60.0)
     # Where the difference goes: the two steps ours does that the reference does not.
     parts = {
-        "preprocess": timed(lambda: [preprocess_pixels(pixels[i : i + BATCH], preprocessing)
-                                     for i in range(0, len(pixels), BATCH)])[0],
+        "preprocess": timed(
+            lambda: [
+                preprocess_pixels(pixels[i : i + BATCH], preprocessing)
+                for i in range(0, len(pixels), BATCH)
+            ]
+        )[0],
         "cache_read": timed(lambda: cache.get_many(sha256s))[0],
     }
     shutil.rmtree(work, ignore_errors=True)
     return _result(times, peaks, len(sha256s), len(times["reference"]), parts)
 
 
-def _result(times: dict[str, list[float]], peaks: dict[str, float], count: int, rounds: int,
-            parts: dict[str, float]) -> Result:
+def _result(
+    times: dict[str, list[float]],
+    peaks: dict[str, float],
+    count: int,
+    rounds: int,
+    parts: dict[str, float],
+) -> Result:
     result = Result("inference", "Inference: predict and evaluate vs a bare forward pass")
     reference = count / median(times["reference"])
-    for name, what in (("predict", "predict_probabilities (decoded pixels in memory)"),
-                       ("evaluate", "evaluate (pixel cache -> metrics)")):
+    for name, what in (
+        ("predict", "predict_probabilities (decoded pixels in memory)"),
+        ("evaluate", "evaluate (pixel cache -> metrics)"),
+    ):
         rate = count / median(times[name])
         ratio = paired_ratio(times["reference"], times[name])  # rates: reference time / ours
-        result.figures.append(Figure(
-            f"inference_{name}", f"{what}, {count} images, batch {BATCH}",
-            rate, reference, "img/s", ratio, "our img/s / bare forward img/s",
-            target=f">= {TARGET:.2f} (within {1 - TARGET:.0%})", met=ratio >= TARGET,
-            peak_rss_mb={"ours": peaks[name], "reference": peaks["reference"]},
-            note=f"spread ours {spread(times[name]):.0%}, reference {spread(times['reference']):.0%}",
-            reason=_why_slow(name, parts, median(times["reference"])),
-        ))
-    result.params = {"images": count, "batch_size": BATCH, "rounds": rounds, "seconds": times,
-                     "step_seconds": parts}
+        result.figures.append(
+            Figure(
+                f"inference_{name}",
+                f"{what}, {count} images, batch {BATCH}",
+                rate,
+                reference,
+                "img/s",
+                ratio,
+                "our img/s / bare forward img/s",
+                target=f">= {TARGET:.2f} (within {1 - TARGET:.0%})",
+                met=ratio >= TARGET,
+                peak_rss_mb={"ours": peaks[name], "reference": peaks["reference"]},
+                note=f"spread ours {spread(times[name]):.0%}, reference {spread(times['reference']):.0%}",
+                reason=_why_slow(name, parts, median(times["reference"])),
+            )
+        )
+    result.params = {
+        "images": count,
+        "batch_size": BATCH,
+        "rounds": rounds,
+        "seconds": times,
+        "step_seconds": parts,
+    }
     result.notes = [
         f"{rounds} rotated rounds; ratios are medians of per-round ratios. Model: the embedded ResNet at 128 px (the default "
         "MRI_BASE_MODEL); images: the 675 slices of the default data set at 256 px.",
@@ -126,10 +154,12 @@ def _result(times: dict[str, list[float]], peaks: dict[str, float], count: int, 
 
 
 def _why_slow(name: str, parts: dict[str, float], bare: float) -> str:
-    text = (f"Resizing 256 -> 128 px and normalising (preprocess_pixels, uint8 antialiased "
-            f"interpolate) alone costs {parts['preprocess'] / bare:.0%} of the bare forward pass")
+    text = (
+        f"Resizing 256 -> 128 px and normalising (preprocess_pixels, uint8 antialiased "
+        f"interpolate) alone costs {parts['preprocess'] / bare:.0%} of the bare forward pass"
+    )
     if name == "evaluate":
-        text += (f"; reading the pixel cache another {parts['cache_read'] / bare:.0%}")
+        text += f"; reading the pixel cache another {parts['cache_read'] / bare:.0%}"
     return text + "."
 
 

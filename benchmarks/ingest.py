@@ -132,8 +132,14 @@ def throughput(quick: bool, scratch: Path, sampler: RssSampler) -> Figure:
     return Figure(
         "ingest_throughput",
         f"ingest throughput, {len(files)} files of the default data set (256 px PNG/JPEG)",
-        ours_rate, ref_rate, "img/s", ratio, "our img/s / PIL decode+resize img/s",
-        target=f">= {TARGET_THROUGHPUT:.0%}", met=ratio >= TARGET_THROUGHPUT, peak_rss_mb=peaks,
+        ours_rate,
+        ref_rate,
+        "img/s",
+        ratio,
+        "our img/s / PIL decode+resize img/s",
+        target=f">= {TARGET_THROUGHPUT:.0%}",
+        met=ratio >= TARGET_THROUGHPUT,
+        peak_rss_mb=peaks,
         note=f"median of {len(mine)} interleaved rounds' ratios; spread ours {spread(mine):.0%}, "
         f"reference {spread(theirs):.0%}",
         reason=f"Writing the decoded pixels to the pixel cache (packs of up to 256 images, "
@@ -213,9 +219,13 @@ def increment(quick: bool, scratch: Path, sampler: RssSampler) -> Figure:
     return Figure(
         "ingest_increment",
         f"{INCREMENT} new files into a store of {STORE_SIZE:,} (128 px PNG)",
-        median(increments), full_seconds, "s", share,
+        median(increments),
+        full_seconds,
+        "s",
+        share,
         f"increment time / time to ingest all {STORE_SIZE:,}",
-        target=f"<= {TARGET_INCREMENT:.0%}", met=share <= TARGET_INCREMENT,
+        target=f"<= {TARGET_INCREMENT:.0%}",
+        met=share <= TARGET_INCREMENT,
         peak_rss_mb={"ours": inc_peak.mb, "reference": full_peak.mb},
         note=f"median of {len(increments)} increments (each a full run: DuckDB ledger read, "
         f"listing of {STORE_SIZE:,}+ files, examine the new ones, record)",
@@ -245,16 +255,24 @@ def _increment_parts(landing: Path, home: Path, last) -> dict[str, float]:
 
     def record_close() -> None:  # the last increment again: an idempotent upsert of its rows
         with duckdb.connect(database) as conn:
-            catalog.record_ingest(conn, last.accepted_frame(), last.rejected_frame(),
-                                  last.ledger_frame())
+            catalog.record_ingest(
+                conn, last.accepted_frame(), last.rejected_frame(), last.ledger_frame()
+            )
 
     with duckdb.connect(database) as conn:
         catalog.ensure_schema(conn)
-        read = median([timed(lambda: (catalog.ledger_fingerprints(conn, "train"),
-                                      catalog.known_images(conn)))[0] for _ in range(3)])
+        read = median(
+            [
+                timed(
+                    lambda: (catalog.ledger_fingerprints(conn, "train"), catalog.known_images(conn))
+                )[0]
+                for _ in range(3)
+            ]
+        )
     opened = median([timed(open_close)[0] for _ in range(3)])
-    listing = median([timed(lambda: list(LocalLanding(landing).list_objects("train")))[0]
-                      for _ in range(3)])
+    listing = median(
+        [timed(lambda: list(LocalLanding(landing).list_objects("train")))[0] for _ in range(3)]
+    )
     return {
         "duckdb_open_close": opened,
         "record_and_close": max(0.0, median([timed(record_close)[0] for _ in range(3)]) - opened),
@@ -293,7 +311,9 @@ def decode_memory(quick: bool, scratch: Path) -> Figure:
     for _ in range(repeats):
         child = subprocess.run(
             [sys.executable, "-c", DECODE_PEAK_CHILD, str(path)],
-            cwd=REPO, capture_output=True, text=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         if child.returncode != 0:
             return _decode_memory_failed(path, child.stderr)
@@ -302,8 +322,10 @@ def decode_memory(quick: bool, scratch: Path) -> Figure:
     peak_mb = (worst["peak_kb"] - worst["before_kb"]) / 1024
     output_mb = worst["output_bytes"] / 2**20
     ratio = peak_mb / output_mb
-    log(f"decode of a {BIG_SIDE}x{BIG_SIDE} 16-bit PNG: peak +{peak_mb:.0f} MiB, output "
-        f"{output_mb:.0f} MiB ({ratio:.2f}x)")
+    log(
+        f"decode of a {BIG_SIDE}x{BIG_SIDE} 16-bit PNG: peak +{peak_mb:.0f} MiB, output "
+        f"{output_mb:.0f} MiB ({ratio:.2f}x)"
+    )
     hwm = (
         "peak reset just before the decode"
         if worst["hwm_reset"]
@@ -314,9 +336,13 @@ def decode_memory(quick: bool, scratch: Path) -> Figure:
         "decode_peak_memory",
         f"decode_image peak memory, {BIG_SIDE}x{BIG_SIDE} 16-bit grayscale PNG "
         f"({BIG_SIDE**2 / 1e6:.0f} MP, {path.stat().st_size / 1024:,.0f} KB file)",
-        peak_mb, output_mb, "MiB", ratio,
+        peak_mb,
+        output_mb,
+        "MiB",
+        ratio,
         "peak RSS above the pre-decode RSS / decoded 8-bit output size",
-        target=f"<= {TARGET_DECODE_MEMORY:g}x the output", met=ratio <= TARGET_DECODE_MEMORY,
+        target=f"<= {TARGET_DECODE_MEMORY:g}x the output",
+        met=ratio <= TARGET_DECODE_MEMORY,
         peak_rss_mb={"decode child": worst["peak_kb"] / 1024},
         note=f"worst of {len(runs)} fresh child process(es) (VmHWM - VmRSS before the decode; "
         f"{hwm}); output {tuple(worst['shape'])} uint8 from mode {worst['source_mode']}",
@@ -331,8 +357,13 @@ def _decode_memory_failed(path: Path, stderr: str) -> Figure:
     return Figure(
         "decode_peak_memory",
         f"decode_image peak memory, {BIG_SIDE}x{BIG_SIDE} 16-bit grayscale PNG",
-        float("nan"), None, "MiB", None, "peak RSS above the pre-decode RSS / decoded output",
-        target=f"<= {TARGET_DECODE_MEMORY:g}x the output", met=False,
+        float("nan"),
+        None,
+        "MiB",
+        None,
+        "peak RSS above the pre-decode RSS / decoded output",
+        target=f"<= {TARGET_DECODE_MEMORY:g}x the output",
+        met=False,
         reason=f"decode_image failed on {path.name}: {tail}",
     )
 

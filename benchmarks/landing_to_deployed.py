@@ -51,7 +51,8 @@ RUNS_QUERY = """
 def graphql(url: str, query: str) -> dict:
     """POST one query to ``url``/graphql; raises on HTTP or GraphQL errors."""
     request = urllib.request.Request(
-        f"{url}/graphql", data=json.dumps({"query": query}).encode(),
+        f"{url}/graphql",
+        data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -69,7 +70,8 @@ def materializations(url: str) -> dict[str, dict]:
         if events:
             entries = {e["label"]: e.get("floatValue") for e in events[0]["metadataEntries"]}
             latest["/".join(node["assetKey"]["path"])] = {
-                "timestamp": int(events[0]["timestamp"]) / 1000, "metadata": entries,
+                "timestamp": int(events[0]["timestamp"]) / 1000,
+                "metadata": entries,
             }
     return latest
 
@@ -107,14 +109,27 @@ def start_dagster(work: Path, port: int) -> subprocess.Popen:
     dagster_home = fresh_dir(work / "dagster_home")
     shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
     # The pipeline as shipped: none of this process's settings, nor its torch thread limit.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MRI_", "SLACK_", "AWS_ENDPOINT", "OMP_", "MKL_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MRI_", "SLACK_", "AWS_ENDPOINT", "OMP_", "MKL_"))
+    }
     env.update(MRI_HOME=str(work / "mri_home"), DAGSTER_HOME=str(dagster_home))
-    command = ["setsid", "env", "--default-signal=INT,TERM", ".venv/bin/dagster", "dev",
-               "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    command = [
+        "setsid",
+        "env",
+        "--default-signal=INT,TERM",
+        ".venv/bin/dagster",
+        "dev",
+        "-w",
+        "workspace.yaml",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with open(work / "dagster.log", "wb") as output:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=output,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
 def stop_dagster(process: subprocess.Popen) -> None:
@@ -134,8 +149,18 @@ def stop_dagster(process: subprocess.Popen) -> None:
 def upload(dataset: Path, landing: Path) -> float:
     """Seconds for ``mri-assets upload`` of the data set into the local landing zone."""
     started = time.time()
-    subprocess.run([str(REPO / ".venv" / "bin" / "mri-assets"), "upload", str(dataset),
-                    "--landing", str(landing), "--quiet"], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "mri-assets"),
+            "upload",
+            str(dataset),
+            "--landing",
+            str(landing),
+            "--quiet",
+        ],
+        check=True,
+        cwd=REPO,
+    )
     return time.time() - started
 
 
@@ -168,24 +193,32 @@ def run(quick: bool, scratch: Path) -> Result:
 def _describe(result, total, since, startup, upload_seconds, timeline, runs, sampler) -> None:
     training = timeline.get("fine_tuned_model", {}).get("metadata", {}).get("training_seconds")
     failed = [r["runId"][:8] for r in runs.get("results", []) if r["status"] == "FAILURE"]
-    result.figures.append(Figure(
-        "landing_to_deployed", "landing to deployed_model, default data set (675 slices)",
-        total if total is not None else float("nan"), training, "s",
-        total / training if total and training else None,
-        "total time / fine_tuned_model training time",
-        target=f"<= {TARGET_SECONDS:g} s", met=total is not None and total <= TARGET_SECONDS,
-        peak_rss_mb={"ours": sampler.peak.mb, "largest_process": sampler.largest_process_mb},
-        note="deployed_model never materialized" if total is None else
-        f"upload took {upload_seconds:.1f}s; {len(runs.get('results', []))} runs, "
-        f"{len(failed)} failed",
-        reason=f"Training alone took {training or 0:.0f}s; the rest is orchestration: the "
-        "landing sensor waits a tick (5 s) for the upload to settle, and each of the 5-6 runs "
-        "in the chain waits for the automation sensor (5 s interval) and starts a new "
-        "Python process that imports Dagster and the pipeline (see the run list above).",
-    ))
+    result.figures.append(
+        Figure(
+            "landing_to_deployed",
+            "landing to deployed_model, default data set (675 slices)",
+            total if total is not None else float("nan"),
+            training,
+            "s",
+            total / training if total and training else None,
+            "total time / fine_tuned_model training time",
+            target=f"<= {TARGET_SECONDS:g} s",
+            met=total is not None and total <= TARGET_SECONDS,
+            peak_rss_mb={"ours": sampler.peak.mb, "largest_process": sampler.largest_process_mb},
+            note="deployed_model never materialized"
+            if total is None
+            else f"upload took {upload_seconds:.1f}s; {len(runs.get('results', []))} runs, "
+            f"{len(failed)} failed",
+            reason=f"Training alone took {training or 0:.0f}s; the rest is orchestration: the "
+            "landing sensor waits a tick (5 s) for the upload to settle, and each of the 5-6 runs "
+            "in the chain waits for the automation sensor (5 s interval) and starts a new "
+            "Python process that imports Dagster and the pipeline (see the run list above).",
+        )
+    )
     order = sorted(timeline.items(), key=lambda item: item[1]["timestamp"])
     result.params = {
-        "startup_seconds": startup, "upload_seconds": upload_seconds,
+        "startup_seconds": startup,
+        "upload_seconds": upload_seconds,
         "materialized_after_seconds": {k: v["timestamp"] - since for k, v in order},
         "failed_runs": failed,
     }
@@ -195,15 +228,16 @@ def _describe(result, total, since, startup, upload_seconds, timeline, runs, sam
         "Runs (start and duration, s after upload start): " + _runs_text(runs, since),
         "Peak RSS is the sum over dagster dev's whole session (webserver, daemon, code "
         "server, run workers), sampled every 0.5 s.",
-        "Timeline (s after upload start): " + ", ".join(
-            f"{k} {v['timestamp'] - since:.0f}" for k, v in order),
+        "Timeline (s after upload start): "
+        + ", ".join(f"{k} {v['timestamp'] - since:.0f}" for k, v in order),
     ]
 
 
 def _runs_text(runs: dict, since: float) -> str:
     """``assets +start (duration)`` per run, in launch order, and how long none was running."""
-    rows = sorted((r for r in runs.get("results", []) if r.get("startTime")),
-                  key=lambda r: r["startTime"])
+    rows = sorted(
+        (r for r in runs.get("results", []) if r.get("startTime")), key=lambda r: r["startTime"]
+    )
     parts, busy_until, idle = [], since, 0.0
     for r in rows:
         names = ",".join("/".join(a["path"]) for a in r.get("assetSelection") or [])

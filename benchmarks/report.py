@@ -45,8 +45,12 @@ def peaks(figure: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """Render the whole report."""
     lines = _header(report)
-    lines += ["## Targets", "", "| target | figure | ours | reference | ratio | met |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "## Targets",
+        "",
+        "| target | figure | ours | reference | ratio | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for bench, figure in _figures(report):
         if figure.get("target"):
             lines.append(
@@ -56,9 +60,16 @@ def markdown(report: dict[str, Any]) -> str:
             )
     for bench in report["benchmarks"]:
         if bench.get("error") or bench.get("skipped"):
-            lines.append(f"| - | {bench['title']} | {bench.get('error') or bench['skipped']} | | | |")
-    lines += ["", "## All figures", "",
-              "| figure | ours | reference | ratio | peak RSS (MiB) | note |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| - | {bench['title']} | {bench.get('error') or bench['skipped']} | | | |"
+            )
+    lines += [
+        "",
+        "## All figures",
+        "",
+        "| figure | ours | reference | ratio | peak RSS (MiB) | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for _, figure in _figures(report):
         lines.append(
             f"| {figure['label']} | {value(figure['ours'], figure['unit'])} | "
@@ -74,16 +85,19 @@ def markdown(report: dict[str, Any]) -> str:
 def _header(report: dict[str, Any]) -> list[str]:
     m = report["machine"]
     return [
-        f"# Benchmark report ({report['mode']} mode)", "",
+        f"# Benchmark report ({report['mode']} mode)",
+        "",
         f"`{report['command']}`, {report['started']}, {report.get('total_seconds', 0) / 60:.1f} min. "
         f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}, torch "
         f"{m['torch']}, load average {m['load_average_at_start']:.1f} at start. Torch ran with "
         f"{m['torch_threads']} thread(s) on both sides of every comparison (`--threads`): with two, "
-        "OpenMP threads wait on each other whenever another process takes a core.", "",
+        "OpenMP threads wait on each other whenever another process takes a core.",
+        "",
         "Every figure is a ratio against a reference measured in the same process (or the same "
         "run), because absolute times on this shared machine swing by up to 2-3x from one run "
         "to the next. `other load` says how many cores other processes took meanwhile; above "
-        f"{BUSY_CORES} the figures are flagged as taken on a busy machine.", "",
+        f"{BUSY_CORES} the figures are flagged as taken on a busy machine.",
+        "",
     ]
 
 

@@ -49,12 +49,23 @@ def run_one(name: str, quick: bool, scratch: Path, threads: int) -> dict:
     other processes put on the machine meanwhile (in cores: 1.0 = one core fully taken)."""
     out = scratch / f"{name}.json"
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", f"benchmarks.{name}", "--json", str(out),
-               "--scratch", str(scratch), "--threads", str(threads)] + (["--quick"] if quick else [])
+    command = [
+        sys.executable,
+        "-m",
+        f"benchmarks.{name}",
+        "--json",
+        str(out),
+        "--scratch",
+        str(scratch),
+        "--threads",
+        str(threads),
+    ] + (["--quick"] if quick else [])
     log(f"=== {name}")
     busy, mine, started = busy_cpu_seconds(), children_cpu_seconds(), time.time()
     try:
-        code = subprocess.run(command, cwd=REPO, timeout=TIMEOUTS["quick" if quick else "full"]).returncode
+        code = subprocess.run(
+            command, cwd=REPO, timeout=TIMEOUTS["quick" if quick else "full"]
+        ).returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
     wall = time.time() - started
@@ -62,8 +73,13 @@ def run_one(name: str, quick: bool, scratch: Path, threads: int) -> dict:
     if code == 0 and out.exists():
         result = json.loads(out.read_text())
     else:
-        result = {"name": name, "title": name, "figures": [], "notes": [],
-                  "error": f"benchmark failed (exit {code}); see the console output"}
+        result = {
+            "name": name,
+            "title": name,
+            "figures": [],
+            "notes": [],
+            "error": f"benchmark failed (exit {code}); see the console output",
+        }
     result.update(wall_seconds=round(wall, 1), other_load_cores=round(max(others, 0) / wall, 2))
     return result
 
@@ -74,28 +90,41 @@ def machine(threads: int) -> dict:
     with open("/proc/meminfo") as handle:
         mem_kb = int(handle.readline().split()[1])
     return {
-        "cpus": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
-        "python": platform.python_version(), "torch": version("torch"),
-        "torch_threads": threads or os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "torch_threads": threads or os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="smaller sizes; a few minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report folder")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"torch threads for both sides of each comparison (default "
-                        f"{DEFAULT_THREADS}, see benchmarks/common.py; 0: one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"torch threads for both sides of each comparison (default "
+        f"{DEFAULT_THREADS}, see benchmarks/common.py; 0: one per core)",
+    )
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = args.out.resolve()
     scratch = out / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
-    report = {"mode": mode, "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
-              "machine": machine(args.threads), "benchmarks": []}
+    report = {
+        "mode": mode,
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
+        "machine": machine(args.threads),
+        "benchmarks": [],
+    }
     started = time.time()
     for name in args.only or BENCHMARKS:
         report["benchmarks"].append(run_one(name, args.quick, scratch, args.threads))

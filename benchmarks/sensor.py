@@ -111,7 +111,8 @@ def moto_server() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in _AWS_ENV}
@@ -133,8 +134,11 @@ def moto_server() -> Iterator[str]:
 
 
 _AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL": "",
 }
 
 
@@ -155,12 +159,14 @@ def s3_client(endpoint: str):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        config=Config(max_pool_connections=32))
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", config=Config(max_pool_connections=32)
+    )
 
 
 def write_s3(client, start: int, stop: int) -> None:
     """Placeholder objects ``start..stop`` under ``s3://BUCKET/in/``, 16 uploads at a time."""
+
     def put(index: int) -> None:
         client.put_object(Bucket=BUCKET, Key=f"in/{small_key(index)}", Body=PLACEHOLDER)
 
@@ -179,9 +185,15 @@ def bare_s3_listing(client) -> int:
 # --------------------------------------------------------------------------- one zone, all sizes
 
 
-def measure_zone(kind: str, location: str, home: Path, sizes: tuple[int, ...],
-                 grow: Callable[[int, int], None], bare: Callable[[], int],
-                 sampler: RssSampler) -> list[Figure]:
+def measure_zone(
+    kind: str,
+    location: str,
+    home: Path,
+    sizes: tuple[int, ...],
+    grow: Callable[[int, int], None],
+    bare: Callable[[], int],
+    sampler: RssSampler,
+) -> list[Figure]:
     """Grow the zone to each size; time idle ticks, the bare listing, and ticks after 100 new."""
     figures, have, cursor = [], 0, None
     for size in sizes:
@@ -206,8 +218,10 @@ def measure_zone(kind: str, location: str, home: Path, sizes: tuple[int, ...],
         if not slow:
             request, requests, cursor = tick(location, home, cursor)
             assert len(requests) == 1, "100 new objects must give one run request"
-        log(f"{kind} {size:,}: idle tick {median([t for t, _, _ in idle]):.2f}s, "
-            f"bare listing {median([t for t, _ in listings]):.2f}s, 100 new {detect:.2f}s")
+        log(
+            f"{kind} {size:,}: idle tick {median([t for t, _, _ in idle]):.2f}s, "
+            f"bare listing {median([t for t, _ in listings]):.2f}s, 100 new {detect:.2f}s"
+        )
         figures += _zone_figures(kind, size, idle, listings, detect, request, peak.mb)
     return figures
 
@@ -232,18 +246,32 @@ def _zone_figures(kind, size, idle, listings, detect, request, peak_mb) -> list[
     target = kind == "local" and size >= 100_000
     return [
         Figure(
-            f"sensor_{kind}_{size}_idle", f"sensor tick, {kind}, {size:,} objects, nothing new",
-            idle_s, bare_s, "s", idle_s / bare_s, "tick time / bare listing time",
+            f"sensor_{kind}_{size}_idle",
+            f"sensor tick, {kind}, {size:,} objects, nothing new",
+            idle_s,
+            bare_s,
+            "s",
+            idle_s / bare_s,
+            "tick time / bare listing time",
             target=f"< {TARGET_SECONDS:g} s" if target else "",
-            met=idle_s < TARGET_SECONDS if target else None, peak_rss_mb={"ours": peak_mb},
+            met=idle_s < TARGET_SECONDS if target else None,
+            peak_rss_mb={"ours": peak_mb},
             note=f"median of {len(idle)} ticks" if len(idle) > 1 else "one tick",
         ),
         Figure(
-            f"sensor_{kind}_{size}_new", f"sensor tick, {kind}, {size:,} objects, {NEW} new",
-            detect, bare_s, "s", detect / bare_s, "tick time / bare listing time",
-            note="tick that sees them (it waits a tick for them to settle)" + (
+            f"sensor_{kind}_{size}_new",
+            f"sensor tick, {kind}, {size:,} objects, {NEW} new",
+            detect,
+            bare_s,
+            "s",
+            detect / bare_s,
+            "tick time / bare listing time",
+            note="tick that sees them (it waits a tick for them to settle)"
+            + (
                 f"; the next tick, which requests the run, took {request:.2f}s"
-                if request is not None else ""),
+                if request is not None
+                else ""
+            ),
         ),
     ]
 
@@ -256,15 +284,27 @@ def run(quick: bool, scratch: Path) -> Result:
     with RssSampler() as sampler:
         root = work / "landing"
         result.figures += measure_zone(
-            "local", str(root), work / "home", sizes,
-            lambda a, b: write_local(root, a, b), lambda: bare_local_listing(root), sampler)
+            "local",
+            str(root),
+            work / "home",
+            sizes,
+            lambda a, b: write_local(root, a, b),
+            lambda: bare_local_listing(root),
+            sampler,
+        )
         fresh_dir(root)  # free the inodes before the S3 part
         with moto_server() as endpoint:
             client = s3_client(endpoint)
             client.create_bucket(Bucket=BUCKET)
             result.figures += measure_zone(
-                "s3", f"s3://{BUCKET}/in", work / "home", sizes,
-                lambda a, b: write_s3(client, a, b), lambda: bare_s3_listing(client), sampler)
+                "s3",
+                f"s3://{BUCKET}/in",
+                work / "home",
+                sizes,
+                lambda a, b: write_s3(client, a, b),
+                lambda: bare_s3_listing(client),
+                sampler,
+            )
     result.params = {"sizes": list(sizes), "new": NEW, "repeats": REPEATS}
     result.notes = [
         "A tick includes building the resources (a boto3 client per tick for S3), listing "

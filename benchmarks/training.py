@@ -75,8 +75,11 @@ def resnet50():
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
-    config = ResNetConfig(num_labels=2, id2label={0: "glioma", 1: "meningioma"},
-                          label2id={"glioma": 0, "meningioma": 1})
+    config = ResNetConfig(
+        num_labels=2,
+        id2label={0: "glioma", 1: "meningioma"},
+        label2id={"glioma": 0, "meningioma": 1},
+    )
     return ResNetForImageClassification(config).eval()
 
 
@@ -100,8 +103,9 @@ def seed_batch(paths: list[Path]):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def seed_loop(model, paths: list[Path], labels: list[int], epochs: int,
-              budget: float = float("inf")) -> list[float]:
+def seed_loop(
+    model, paths: list[Path], labels: list[int], epochs: int, budget: float = float("inf")
+) -> list[float]:
     """The seed's training loop; returns the cumulative seconds at the end of each epoch.
 
     Stops early (after at least 10 epochs) when the next epoch would end past ``budget`` s.
@@ -139,7 +143,9 @@ def seed_loop(model, paths: list[Path], labels: list[int], epochs: int,
 # --------------------------------------------------------------------------- ours
 
 
-def linear_probe(model, sha256s: list[str], labels: list[int], pixels, epochs: int, cache_dir: Path):
+def linear_probe(
+    model, sha256s: list[str], labels: list[int], pixels, epochs: int, cache_dir: Path
+):
     """``fine_tune(strategy="linear_probe")`` from the pixel cache, with an empty embedding cache.
 
     Early stopping is pushed past the last epoch so both sides run exactly ``epochs`` epochs.
@@ -147,11 +153,24 @@ def linear_probe(model, sha256s: list[str], labels: list[int], pixels, epochs: i
     from mri_assets.core.model import Preprocessing
     from mri_assets.core.train import EmbeddingCache, TrainConfig, fine_tune
 
-    config = TrainConfig(strategy="linear_probe", image_size=IMAGE_SIZE, epochs=epochs,
-                         batch_size=BATCH, early_stopping_patience=epochs + 1)
+    config = TrainConfig(
+        strategy="linear_probe",
+        image_size=IMAGE_SIZE,
+        epochs=epochs,
+        batch_size=BATCH,
+        early_stopping_patience=epochs + 1,
+    )
     fresh_dir(cache_dir)
-    return fine_tune(model, Preprocessing(IMAGE_SIZE), sha256s, labels, pixels.get_many, config,
-                     embedding_cache=EmbeddingCache(cache_dir), log=quiet)
+    return fine_tune(
+        model,
+        Preprocessing(IMAGE_SIZE),
+        sha256s,
+        labels,
+        pixels.get_many,
+        config,
+        embedding_cache=EmbeddingCache(cache_dir),
+        log=quiet,
+    )
 
 
 def run(quick: bool, scratch: Path) -> Result:
@@ -178,8 +197,9 @@ def run(quick: bool, scratch: Path) -> Result:
             ours[epochs] = _ours(pristine, sha256s, labels, pixels, epochs, work, sampler)
         with sampler.window() as ref_peak:
             log(f"seed loop: {ref_epochs} epochs over {len(files)} files")
-            cumulative = seed_loop(copy.deepcopy(pristine), files, labels, ref_epochs,
-                                   REFERENCE_BUDGET[mode])
+            cumulative = seed_loop(
+                copy.deepcopy(pristine), files, labels, ref_epochs, REFERENCE_BUDGET[mode]
+            )
         for epochs in EPOCHS[1:]:
             ours[epochs] = _ours(pristine, sha256s, labels, pixels, epochs, work, sampler)
     per_epoch = np.diff([0.0, *cumulative])
@@ -187,19 +207,28 @@ def run(quick: bool, scratch: Path) -> Result:
         reference, extrapolated = _reference_at(cumulative, per_epoch, epochs)
         seconds, peak = ours[epochs]
         ratio = reference / seconds
-        result.figures.append(Figure(
-            f"linear_probe_{epochs}_epochs",
-            f"linear_probe, {epochs} epochs, {len(files)} images (incl. embedding fill)",
-            seconds, reference, "s", ratio, "speed-up: seed loop time / our time",
-            target=f">= {TARGET_SPEEDUP:g}x" if epochs == 10 else "",
-            met=ratio >= TARGET_SPEEDUP if epochs == 10 else None,
-            peak_rss_mb={"ours": peak, "reference": ref_peak.mb},
-            note="reference extrapolated from measured epochs" if extrapolated else "",
-            reason=_why_slow(seconds, per_epoch, epochs),
-        ))
+        result.figures.append(
+            Figure(
+                f"linear_probe_{epochs}_epochs",
+                f"linear_probe, {epochs} epochs, {len(files)} images (incl. embedding fill)",
+                seconds,
+                reference,
+                "s",
+                ratio,
+                "speed-up: seed loop time / our time",
+                target=f">= {TARGET_SPEEDUP:g}x" if epochs == 10 else "",
+                met=ratio >= TARGET_SPEEDUP if epochs == 10 else None,
+                peak_rss_mb={"ours": peak, "reference": ref_peak.mb},
+                note="reference extrapolated from measured epochs" if extrapolated else "",
+                reason=_why_slow(seconds, per_epoch, epochs),
+            )
+        )
     result.params = {
-        "images": len(files), "image_size": IMAGE_SIZE, "batch_size": BATCH,
-        "reference_epochs_run": len(cumulative), "reference_epoch_seconds": per_epoch.tolist(),
+        "images": len(files),
+        "image_size": IMAGE_SIZE,
+        "batch_size": BATCH,
+        "reference_epochs_run": len(cumulative),
+        "reference_epoch_seconds": per_epoch.tolist(),
         "ingest_seconds": ingest_seconds,
     }
     result.notes = _notes(files, per_epoch, len(cumulative), ingest_seconds, ours)
@@ -212,8 +241,14 @@ def warm_up(model, paths: list[Path], sha256s, labels, pixels, work: Path) -> No
     kernels, lazy imports, first allocations) inside its timing."""
     picks = [labels.index(0), labels.index(0) + 1, labels.index(1), labels.index(1) + 1]
     seed_loop(copy.deepcopy(model), [paths[i] for i in picks], [labels[i] for i in picks], 1)
-    linear_probe(copy.deepcopy(model), [sha256s[i] for i in picks], [labels[i] for i in picks],
-                 pixels, 1, work / "warm-up-embeddings")
+    linear_probe(
+        copy.deepcopy(model),
+        [sha256s[i] for i in picks],
+        [labels[i] for i in picks],
+        pixels,
+        1,
+        work / "warm-up-embeddings",
+    )
 
 
 def _ours(pristine, sha256s, labels, pixels, epochs, work, sampler) -> tuple[float, float]:
@@ -227,7 +262,9 @@ def _ours(pristine, sha256s, labels, pixels, epochs, work, sampler) -> tuple[flo
     return seconds, peak.mb
 
 
-def _reference_at(cumulative: list[float], per_epoch: np.ndarray, epochs: int) -> tuple[float, bool]:
+def _reference_at(
+    cumulative: list[float], per_epoch: np.ndarray, epochs: int
+) -> tuple[float, bool]:
     """Seed-loop seconds for ``epochs`` epochs: measured if run that far, else extrapolated
     from the median measured epoch (the seed's epochs all do the same work)."""
     if epochs <= len(cumulative):

@@ -4,7 +4,6 @@ Every field is optional: left unset, it falls back to the setting of the same me
 `mri_assets.settings` (environment variable or embedded default), read when the resource is used.
 """
 
-
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -44,7 +44,13 @@ def mri_env(tmp_path, monkeypatch) -> Path:
     """A private MRI_HOME for one test, with settings read from it."""
     home = tmp_path / "mri_home"
     monkeypatch.setenv("MRI_HOME", str(home))
-    for name in ("MRI_LANDING", "MRI_BASE_MODEL", "MRI_CLASSES", "MRI_POSITIVE_CLASS", "SLACK_BOT_TOKEN"):
+    for name in (
+        "MRI_LANDING",
+        "MRI_BASE_MODEL",
+        "MRI_CLASSES",
+        "MRI_POSITIVE_CLASS",
+        "SLACK_BOT_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
     return home
 
@@ -112,7 +118,11 @@ class FakeSlack:
                 else:
                     payload = {k: v[0] for k, v in parse_qs(body).items()}
                 fake.requests.append(
-                    {"path": self.path, "auth": self.headers.get("Authorization"), "payload": payload}
+                    {
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "payload": payload,
+                    }
                 )
                 reply = {"ok": fake.ok} if fake.ok else {"ok": False, "error": "channel_not_found"}
                 data = json.dumps(reply).encode()

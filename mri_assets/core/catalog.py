@@ -37,11 +37,19 @@ CREATE TABLE IF NOT EXISTS landed_images (
     first_seen TIMESTAMP NOT NULL,
     updated_at TIMESTAMP NOT NULL,
     pixel_sha256 VARCHAR,               -- of the decoded pixels: one id per content, any encoding
-    perceptual_hash VARCHAR             -- 64-bit dHash, hex: near-identical slices are close
+    perceptual_hash VARCHAR,            -- 64-bit dHash, hex: near-identical slices are close
+    modality VARCHAR,                   -- DICOM only, and nothing that identifies a patient
+    series_description VARCHAR,
+    pixel_spacing_mm VARCHAR,           -- row x column spacing
+    series_uid_sha256 VARCHAR           -- the series UID, hashed
 );
 -- Catalogues made before content hashes existed gain the columns (their rows keep NULL).
 ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS pixel_sha256 VARCHAR;
 ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS perceptual_hash VARCHAR;
+ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS modality VARCHAR;
+ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS series_description VARCHAR;
+ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS pixel_spacing_mm VARCHAR;
+ALTER TABLE landed_images ADD COLUMN IF NOT EXISTS series_uid_sha256 VARCHAR;
 CREATE TABLE IF NOT EXISTS landing_removals (
     source_key VARCHAR NOT NULL,
     split_folder VARCHAR NOT NULL,
@@ -117,7 +125,11 @@ SELECT
     source_format,
     first_seen,
     content_id,
-    perceptual_hash
+    perceptual_hash,
+    modality,
+    series_description,
+    pixel_spacing_mm,
+    series_uid_sha256
 FROM ranked
 ORDER BY source_key
 """
@@ -196,14 +208,18 @@ def record_ingest(
                 INSERT INTO landed_images BY NAME
                 SELECT source_key, split_folder, sha256, label, width, height, source_mode,
                        source_format, size_bytes, processed_at AS first_seen,
-                       processed_at AS updated_at, pixel_sha256, perceptual_hash
+                       processed_at AS updated_at, pixel_sha256, perceptual_hash, modality,
+                       series_description, pixel_spacing_mm, series_uid_sha256
                 FROM batch_accepted
                 ON CONFLICT (source_key) DO UPDATE SET
                     sha256 = excluded.sha256, label = excluded.label, width = excluded.width,
                     height = excluded.height, source_mode = excluded.source_mode,
                     source_format = excluded.source_format, size_bytes = excluded.size_bytes,
                     updated_at = excluded.updated_at, pixel_sha256 = excluded.pixel_sha256,
-                    perceptual_hash = excluded.perceptual_hash
+                    perceptual_hash = excluded.perceptual_hash, modality = excluded.modality,
+                    series_description = excluded.series_description,
+                    pixel_spacing_mm = excluded.pixel_spacing_mm,
+                    series_uid_sha256 = excluded.series_uid_sha256
                 """
             )
             conn.unregister("batch_accepted")

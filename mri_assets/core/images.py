@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 # 50 MP: far above any MRI slice (a 1024x1024 scan is 1 MP), far below what exhausts memory.
 DEFAULT_MAX_PIXELS = 50_000_000
-ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")  # and DICOM, read by core/dicom.py
 # Peak bytes per pixel while one image decodes: the source in PIL (up to 4 for RGBA or 32-bit
 # gray), its array view (as many again) and the RGB output (3). Used to bound concurrent decodes.
 DECODE_BYTES_PER_PIXEL = 11
@@ -49,6 +49,7 @@ class DecodedImage:
     source_format: str
     pixel_sha256: str  # of the decoded pixels: identifies the content, whatever the encoding
     perceptual_hash: str  # 64-bit difference hash, 16 hex digits: near-identical slices agree
+    dicom: dict | None = None  # DICOM files: the non-identifying fields of core/dicom.DicomFields
 
     @property
     def height(self) -> int:
@@ -167,17 +168,24 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     sha256: str | None = None,
     memory: MemoryBudget | None = None,
+    key: str | None = None,
 ) -> DecodedImage:
-    """Fully decode and validate one file's bytes (``sha256``: their hash, if already known).
+    """Fully decode and validate one file's bytes (``sha256``: their hash, if already known;
+    ``key``: the file's name, which marks a DICOM file written without its preamble).
 
     Raises ImageRejected with reason ``empty_file``, ``not_an_image``, ``unsupported_format``,
-    ``multi_frame``, ``too_large`` or ``truncated`` (anything that fails to decode completely).
-    ``memory``: a budget shared by concurrent decodes; this one holds its estimated peak in it.
-    Errors that are not about the bytes (MemoryError, ...) propagate: they are not rejections.
+    ``multi_frame``, ``too_large`` or ``truncated`` (anything that fails to decode completely),
+    or one of core/dicom.py's reasons for a DICOM file. ``memory``: a budget shared by
+    concurrent decodes; this one holds its estimated peak in it. Errors that are not about the
+    bytes (MemoryError, ...) propagate: they are not rejections.
     """
     if not data:
         raise ImageRejected("empty_file", "the file has zero bytes")
     digest = sha256 or content_hash(data)
+    from mri_assets.core import dicom  # here, not at the top: dicom.py imports this module
+
+    if dicom.looks_like_dicom(data, key):
+        return _decode_dicom(data, digest, max_pixels, memory)
     try:
         with warnings.catch_warnings():
             # PIL warns before it raises; a bomb must be an error, never a warning.
@@ -209,6 +217,29 @@ def decode_image(
     if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageRejected("not_an_image", f"decoded to an empty array {pixels.shape}")
     return DecodedImage(digest, pixels, mode, fmt, pixel_hash(pixels), perceptual_hash(pixels))
+
+
+def _decode_dicom(
+    data: bytes, digest: str, max_pixels: int, memory: MemoryBudget | None
+) -> DecodedImage:
+    from mri_assets.core.dicom import read_dicom
+
+    # The frame size is known only once the header is parsed; reserve for the largest allowed
+    # share of the budget instead: DICOM slices are small, and this keeps big ones apart.
+    with memory.reserve(memory.limit_bytes // 4) if memory else _nothing():
+        slice_ = read_dicom(data, max_pixels=max_pixels)
+    pixels = np.empty((*slice_.pixels.shape, 3), dtype=np.uint8)
+    pixels[...] = slice_.pixels[:, :, None]
+    fields = slice_.fields
+    return DecodedImage(
+        digest,
+        pixels,
+        f"DICOM {fields.photometric_interpretation} {fields.bits_stored}-bit",
+        "DICOM",
+        pixel_hash(pixels),
+        perceptual_hash(pixels),
+        dicom=fields.to_dict(),
+    )
 
 
 def _open_accepted(data: bytes) -> Image.Image:

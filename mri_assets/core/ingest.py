@@ -68,6 +68,7 @@ class Examined:
     decoded: bool = False
     pixel_sha256: str | None = None
     perceptual_hash: str | None = None
+    dicom: dict | None = None  # non-identifying DICOM fields (core/dicom.DicomFields)
 
     @property
     def accepted(self) -> bool:
@@ -129,6 +130,7 @@ class IngestBatch:
             "processed_at",
             "pixel_sha256",
             "perceptual_hash",
+            *DICOM_COLUMNS,
         ]
         return pd.DataFrame(
             [
@@ -145,6 +147,7 @@ class IngestBatch:
                     self.processed_at,
                     e.pixel_sha256,
                     e.perceptual_hash,
+                    *dicom_values(e.dicom),
                 )
                 for e in self.accepted
             ],
@@ -190,6 +193,23 @@ class IngestBatch:
         shown = "; ".join(f"{f.obj.key}: {f.error}" for f in self.failed[:limit])
         more = len(self.failed) - limit
         return shown + (f"; and {more} more" if more > 0 else "")
+
+
+# The DICOM fields the catalogue keeps: none identifies a patient (see core/dicom.py).
+DICOM_COLUMNS = ("modality", "series_description", "pixel_spacing_mm", "series_uid_sha256")
+
+
+def dicom_values(fields: dict | None) -> tuple:
+    """The DICOM_COLUMNS values of one image (all None for other formats)."""
+    if not fields:
+        return (None,) * len(DICOM_COLUMNS)
+    spacing = fields.get("pixel_spacing")
+    return (
+        fields.get("modality"),
+        fields.get("series_description"),
+        "x".join(f"{v:g}" for v in spacing) if spacing else None,
+        fields.get("series_uid_sha256"),
+    )
 
 
 def is_in_progress(obj: LandedObject) -> bool:
@@ -265,7 +285,9 @@ def examine_object(obj: LandedObject, ctx: ExamineContext) -> Examined:
             perceptual_hash=info.perceptual_hash,
         )
     try:
-        image = decode_image(data, max_pixels=ctx.max_pixels, sha256=sha, memory=ctx.memory)
+        image = decode_image(
+            data, max_pixels=ctx.max_pixels, sha256=sha, memory=ctx.memory, key=obj.key
+        )
     except ImageRejected as rejection:
         return Examined(
             obj, label, sha, reason=rejection.reason, detail=rejection.detail, decoded=True
@@ -282,6 +304,7 @@ def examine_object(obj: LandedObject, ctx: ExamineContext) -> Examined:
         decoded=True,
         pixel_sha256=image.pixel_sha256,
         perceptual_hash=image.perceptual_hash,
+        dicom=image.dicom,
     )
 
 

@@ -21,10 +21,14 @@ class ClassSpec:
     def __post_init__(self) -> None:
         names = tuple(n.strip().lower() for n in self.names if n.strip())
         if len(names) != 2 or len(set(names)) != 2:
-            raise ValueError(f"MRI_CLASSES must name exactly two distinct classes, got {self.names!r}")
+            raise ValueError(
+                f"MRI_CLASSES must name exactly two distinct classes, got {self.names!r}"
+            )
         positive = self.positive.strip().lower()
         if positive not in names:
-            raise ValueError(f"MRI_POSITIVE_CLASS {self.positive!r} is not one of MRI_CLASSES {names}")
+            raise ValueError(
+                f"MRI_POSITIVE_CLASS {self.positive!r} is not one of MRI_CLASSES {names}"
+            )
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "positive", positive)
 

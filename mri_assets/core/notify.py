@@ -51,6 +51,19 @@ def refusal_message(standing: Standing, dagster_url: str, run_id: str) -> str:
     return "\n".join([head, *comparison_lines(standing), _run_line(dagster_url, run_id)])
 
 
+def retry_to_come(tags: Mapping[str, str] | None) -> str | None:
+    """Why a failed run is not the end of the story, or None when nothing will retry it.
+
+    Each retry that also fails is reported by its own run, so only the last failure alerts."""
+    tags = tags or {}
+    if tags.get("dagster/will_retry") == "true":
+        return "the instance retries it (run_retries in dagster.yaml)"
+    attempt, _, attempts = tags.get("mri/attempt", "").partition("/")
+    if attempt.isdigit() and attempts.isdigit() and int(attempt) < int(attempts):
+        return f"its landing sensor asks again with backoff (attempt {attempt} of {attempts})"
+    return None
+
+
 def run_failure_message(
     job: str,
     run_id: str,
@@ -62,4 +75,7 @@ def run_failure_message(
     where = f" ({assets})" if assets else ""
     first_line = error.strip().splitlines()[0] if error.strip() else "no error message"
     head = f":rotating_light: Run `{run_id[:8]}` of `{job}`{where} failed: {first_line[:500]}"
+    attempt = (tags or {}).get("mri/attempt")
+    if attempt:
+        head += f" (ingest attempt {attempt}; asked again when the landing zone changes)"
     return f"{head}\n{_run_line(dagster_url, run_id)}"

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from mri_assets.core.notify import run_failure_message
+from mri_assets.core.notify import retry_to_come, run_failure_message
 from mri_assets.resources import SlackAlerts
 
 
@@ -12,12 +12,17 @@ from mri_assets.resources import SlackAlerts
     minimum_interval_seconds=10,
     description=(
         "Posts each failed run (job, assets, first line of the error, a link to the run) to "
-        "MRI_SLACK_CHANNEL. A refused promotion is not a failed run: its one message comes from "
+        "MRI_SLACK_CHANNEL, once no retry is to come (instance run retries, a landing sensor's "
+        "backoff): a fault that heals sends nothing, one that persists sends one. A refused promotion is not a failed run: its one message comes from "
         "the promotion gate."
     ),
 )
 def slack_on_run_failure(context: dg.RunFailureSensorContext, alerts: SlackAlerts) -> None:
     run = context.dagster_run
+    retry = retry_to_come(run.tags)
+    if retry:
+        context.log.info(f"run {run.run_id[:8]} failed; no alert yet: {retry}")
+        return
     # The run's own failure message only lists the failed steps; the first step's error says why.
     step_errors = [
         root_cause(event.event_specific_data.error)

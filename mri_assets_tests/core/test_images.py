@@ -9,7 +9,12 @@ from mri_assets.core.pixel_cache import PixelCache
 from mri_assets_tests.bad_files import BAD_FILES, encode
 
 
-@pytest.mark.parametrize("key", sorted(k for k, (_, r) in BAD_FILES.items() if r in {"empty_file", "truncated", "not_an_image"}))
+@pytest.mark.parametrize(
+    "key",
+    sorted(
+        k for k, (_, r) in BAD_FILES.items() if r in {"empty_file", "truncated", "not_an_image"}
+    ),
+)
 def test_bad_bytes_are_rejected_with_their_reason(key):
     data, reason = BAD_FILES[key]
     with pytest.raises(ImageRejected) as caught:
@@ -48,7 +53,9 @@ def test_decompression_bomb_is_rejected_as_too_large():
 
 def test_truncated_png_is_rejected():
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
     with pytest.raises(ImageRejected) as caught:
         decode_image(buffer.getvalue()[:-200])
     assert caught.value.reason == "truncated"

@@ -15,11 +15,18 @@ CLASSES = ClassSpec()
 
 def ingest(landing, conn, cache, split="train"):
     batch = ingest_new_objects(
-        landing, split, catalog.ledger_fingerprints(conn, split), catalog.known_images(conn),
-        CLASSES, cache,
+        landing,
+        split,
+        catalog.ledger_fingerprints(conn, split),
+        catalog.known_images(conn),
+        CLASSES,
+        cache,
     )
     catalog.record_ingest(
-        conn, batch.accepted_frame(), batch.rejected_frame(), batch.ledger_frame(),
+        conn,
+        batch.accepted_frame(),
+        batch.rejected_frame(),
+        batch.ledger_frame(),
         batch.removed_frame(),
     )
     return batch
@@ -27,7 +34,11 @@ def ingest(landing, conn, cache, split="train"):
 
 @pytest.fixture
 def store(tmp_path):
-    return LocalLanding(tmp_path / "landing"), duckdb.connect(str(tmp_path / "mri.duckdb")), PixelCache(tmp_path / "px")
+    return (
+        LocalLanding(tmp_path / "landing"),
+        duckdb.connect(str(tmp_path / "mri.duckdb")),
+        PixelCache(tmp_path / "px"),
+    )
 
 
 def test_bad_corpus_is_rejected_with_reasons_and_good_files_survive(store):
@@ -110,7 +121,9 @@ def test_an_unreadable_pixel_cache_fails_the_batch_instead_of_rejecting_objects(
     landing, conn, cache = store
     landing.write("train/glioma/a.png", png_bytes(1))
     ingest(landing, conn, cache)
-    landing.write("train/glioma/copy_of_a.png", png_bytes(1))  # known content: looked up in the cache
+    landing.write(
+        "train/glioma/copy_of_a.png", png_bytes(1)
+    )  # known content: looked up in the cache
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "packs").write_text("a file where the packs folder should be")
@@ -151,7 +164,9 @@ def test_duplicates_across_splits_never_share_a_sha256(store):
     assert images.loc["train/glioma/a.png", "split"] == "train"
     assert images.loc["test/glioma/a-again.png", "split"] == "duplicate"
     assert "already in the train split" in images.loc["test/glioma/a-again.png", "split_reason"]
-    assert set(images.loc[["test/glioma/c.png", "test/meningioma/c-relabelled.png"], "split"]) == {"conflict"}
+    assert set(images.loc[["test/glioma/c.png", "test/meningioma/c-relabelled.png"], "split"]) == {
+        "conflict"
+    }
     used = images[images["split"].isin(["train", "test"])]
     assert used.groupby("sha256")["split"].nunique().max() == 1
     train = catalog.record_split_table(conn, "train")

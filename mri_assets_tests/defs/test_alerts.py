@@ -1,4 +1,5 @@
 import dagster as dg
+import pytest
 
 from mri_assets.defs.alerts import slack_on_run_failure
 from mri_assets.resources import MriSettingsResource, SlackAlerts
@@ -77,3 +78,34 @@ def test_run_failure_sensor_posts_the_failed_run_with_a_link_to_it(fake_slack, m
     [text] = fake_slack.texts()
     assert result.run_id[:8] in text and "failed" in text and "scanner caught fire" in text
     assert f"<https://dagster.example.org/runs/{result.run_id}|" in text
+
+
+@pytest.mark.parametrize(
+    ("tags", "alerted"),
+    [
+        ({"dagster/will_retry": "true"}, False),
+        ({"mri/attempt": "2/5"}, False),
+        ({"mri/attempt": "5/5"}, True),
+        ({"dagster/will_retry": "false"}, True),
+    ],
+)
+def test_a_failed_run_alerts_only_when_no_retry_is_to_come(fake_slack, tags, alerted):
+    @dg.asset
+    def flaky_asset():
+        raise OSError("disk full")
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([flaky_asset], instance=instance, raise_on_error=False, tags=tags)
+        failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+        run = instance.get_run_by_id(result.run_id)
+        with dg.build_run_status_sensor_context(
+            sensor_name="slack_on_run_failure",
+            dagster_instance=instance,
+            dagster_run=run,
+            dagster_event=failure,
+            resources={"alerts": alerts()},
+        ) as status_context:
+            slack_on_run_failure(status_context.for_run_failure())
+    assert len(fake_slack.texts()) == int(alerted)
+    if alerted and "mri/attempt" in tags:
+        assert "ingest attempt 5/5" in fake_slack.texts()[0]

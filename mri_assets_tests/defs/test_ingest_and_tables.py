@@ -54,7 +54,10 @@ def test_ingest_and_tables_end_to_end_on_a_local_folder(mri_env):
         reasons = dict(conn.execute("SELECT source_key, reason FROM rejected_images").fetchall())
         assert reasons["train/glioma/truncated.jpg"] == "truncated"
         assert reasons["train/.DS_Store"] == "hidden_file"
-        assert conn.execute("SELECT count(*) FROM images WHERE split='train'").fetchall()[0][0] == 6 + 5
+        assert (
+            conn.execute("SELECT count(*) FROM images WHERE split='train'").fetchall()[0][0]
+            == 6 + 5
+        )
 
 
 def test_landing_a_test_copy_of_a_train_image_keeps_the_splits_apart(mri_env):
@@ -66,7 +69,9 @@ def test_landing_a_test_copy_of_a_train_image_keeps_the_splits_apart(mri_env):
         result = materialize(ASSETS, resources_for(), instance)
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert checks["no_train_test_overlap"]
-        assert result.asset_materializations_for_node("test_images") == []  # the test set is unchanged
+        assert (
+            result.asset_materializations_for_node("test_images") == []
+        )  # the test set is unchanged
 
 
 def test_single_class_split_fails_the_both_classes_check(mri_env):
@@ -75,7 +80,11 @@ def test_single_class_split_fails_the_both_classes_check(mri_env):
     landing.write("test/glioma/b.png", png_bytes(2))
     with dg.instance_for_test() as instance:
         result = materialize(ASSETS, resources_for(), instance)
-    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "both_classes_in_each_split")
+    check = next(
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "both_classes_in_each_split"
+    )
     assert not check.passed
     assert check.metadata["missing"].value == ["train/meningioma", "test/meningioma"]
 
@@ -94,3 +103,38 @@ def test_s3_landing_zone_over_http(mri_env, s3_bucket):
     raw = metadata(result, "raw_train_images")
     assert raw["landing_zone"] == location
     assert (raw["new_accepted"], raw["new_rejected"]) == (6, 1)
+
+
+def test_dicom_slices_are_ingested_and_no_patient_identifier_reaches_tables_or_logs(mri_env):
+    import numpy as np
+
+    from mri_assets_tests.core.test_dicom import IDENTIFIERS, build_dicom
+
+    landing = LocalLanding(mri_env / "landing")
+    land_small_dataset(landing)
+    slice_ = (np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) * 2).astype(np.uint16)
+    landing.write("train/glioma/slice.dcm", build_dicom(slice_, window=(1500, 3000)))
+    landing.write("train/glioma/IM0001", build_dicom(slice_[::-1].copy()))  # no extension
+    with dg.instance_for_test() as instance:
+        result = materialize(ASSETS, resources_for(), instance)
+        logs = [
+            str(entry.dagster_event.event_specific_data if entry.dagster_event else "")
+            + entry.user_message
+            for entry in instance.all_logs(result.run_id)
+        ]
+    with duckdb.connect(str(mri_env / "mri.duckdb"), read_only=True) as conn:
+        dicom = conn.execute(
+            "SELECT source_key, source_format, modality, series_description, pixel_spacing_mm "
+            "FROM images WHERE source_format = 'DICOM' ORDER BY source_key"
+        ).fetchall()
+        tables = [row[0] for row in conn.execute("SHOW TABLES").fetchall()]
+        dumped = "\n".join(
+            str(conn.execute(f"SELECT * FROM {table}").fetchall()) for table in tables
+        )
+    assert dicom == [
+        ("train/glioma/IM0001", "DICOM", "MR", "T2 AX", "0.5x0.75"),
+        ("train/glioma/slice.dcm", "DICOM", "MR", "T2 AX", "0.5x0.75"),
+    ]
+    everything = dumped + "\n".join(logs)
+    for value in IDENTIFIERS.values():
+        assert str(value) not in everything

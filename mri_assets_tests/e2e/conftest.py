@@ -141,8 +141,17 @@ class DagsterDev:
         # runner's worker may have set to ignore, so dagster can shut down gracefully.
         self.process = subprocess.Popen(
             [
-                "setsid", "env", "--default-signal=INT,TERM", executable("dagster"), "dev",
-                "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port),
+                "setsid",
+                "env",
+                "--default-signal=INT,TERM",
+                executable("dagster"),
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
             ],
             cwd=REPO,
             env=self.environment(),
@@ -188,7 +197,9 @@ class DagsterDev:
 
     def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> float:
         """Seconds until the GraphQL endpoint answers and the code location has loaded."""
-        query = '{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }'
+        query = (
+            "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"
+        )
 
         def ready():
             if self.process.poll() is not None:
@@ -206,7 +217,11 @@ class DagsterDev:
         return time.time() - self.started_at
 
     def wait_for(
-        self, condition: Callable[[], object], timeout: float, what: str, interval: float = POLL_SECONDS
+        self,
+        condition: Callable[[], object],
+        timeout: float,
+        what: str,
+        interval: float = POLL_SECONDS,
     ):
         """Poll `condition` (sleeping between calls) until it returns something truthy."""
         deadline = time.monotonic() + timeout
@@ -265,8 +280,18 @@ class DagsterDev:
 def make_dataset(out: Path, glioma: int, meningioma: int, size: int, seed: int) -> Path:
     subprocess.run(
         [
-            executable("mri-assets"), "make-dataset", str(out), "--glioma", str(glioma),
-            "--meningioma", str(meningioma), "--size", str(size), "--seed", str(seed), "--quiet",
+            executable("mri-assets"),
+            "make-dataset",
+            str(out),
+            "--glioma",
+            str(glioma),
+            "--meningioma",
+            str(meningioma),
+            "--size",
+            str(size),
+            "--seed",
+            str(seed),
+            "--quiet",
         ],
         check=True,
         capture_output=True,
@@ -375,8 +400,10 @@ def pytest_collection_modifyitems(config, items):
 
     for item in items:
         groups = sorted(
-            {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-             for m in item.iter_markers("xdist_group")}
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
         )
         if groups and "@" not in item.nodeid and hasattr(item, "_id"):
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")

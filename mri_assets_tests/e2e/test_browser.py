@@ -18,8 +18,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.xdist_group(XDIST_GROUP)]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 LOCATION = "mri_assets"
 UI_TIMEOUT_MS = 60_000
@@ -41,7 +46,9 @@ def chromium() -> Path:
     if CHROMIUM.exists():
         return CHROMIUM
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{CHROMIUM} is missing and apt-get cannot run here: apt-get install -y chromium")
+        pytest.skip(
+            f"{CHROMIUM} is missing and apt-get cannot run here: apt-get install -y chromium"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "chromium"]
     result = subprocess.run(install, env=env, capture_output=True, text=True)
@@ -49,7 +56,9 @@ def chromium() -> Path:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
         result = subprocess.run(install, env=env, capture_output=True, text=True)
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing and apt-get could not install it: {result.stderr[-500:]}")
+        pytest.skip(
+            f"{CHROMIUM} is missing and apt-get could not install it: {result.stderr[-500:]}"
+        )
     return CHROMIUM
 
 
@@ -86,8 +95,12 @@ def screenshot(page, name: str) -> Path:
 
 
 def asset_links(page) -> set[str]:
-    hrefs = page.locator('a[href^="/assets/"]').evaluate_all("links => links.map(a => a.getAttribute('href'))")
-    return {href.removeprefix("/assets/") for href in hrefs if re.fullmatch(r"/assets/[^/?#]+", href)}
+    hrefs = page.locator('a[href^="/assets/"]').evaluate_all(
+        "links => links.map(a => a.getAttribute('href'))"
+    )
+    return {
+        href.removeprefix("/assets/") for href in hrefs if re.fullmatch(r"/assets/[^/?#]+", href)
+    }
 
 
 def test_assets_are_grouped_by_stage(page, dagster_dev, deployment):
@@ -125,7 +138,9 @@ def test_deployed_model_page_shows_the_promotion(page, dagster_dev, deployment):
     for key in ("decision", "deployed_version", "candidate_roc_auc", "test_set_version"):
         expect(metadata.get_by_text(key, exact=True)).to_be_visible()
     expect(metadata.get_by_text(latest.metadata["decision"], exact=True).first).to_be_visible()
-    expect(metadata.get_by_text(latest.metadata["deployed_version"], exact=True).first).to_be_visible()
+    expect(
+        metadata.get_by_text(latest.metadata["deployed_version"], exact=True).first
+    ).to_be_visible()
     screenshot(page, "deployed-model")
 
 

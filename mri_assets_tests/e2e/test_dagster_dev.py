@@ -27,19 +27,24 @@ def test_landing_is_deployed_and_new_test_data_is_evaluated(dagster_dev, deploym
     landed_at = dagster_dev.land(batch, under="test/batch-2")
 
     def evaluated_on_new_test_set():
-        latest = {asset: dagster_dev.latest(asset) for asset in ("baseline", "candidate_evaluation")}
+        latest = {
+            asset: dagster_dev.latest(asset) for asset in ("baseline", "candidate_evaluation")
+        }
         if all(m and m.timestamp > landed_at for m in latest.values()):
             return latest
         return None
 
     latest = dagster_dev.wait_for(
-        evaluated_on_new_test_set, EVALUATION_TIMEOUT,
+        evaluated_on_new_test_set,
+        EVALUATION_TIMEOUT,
         "baseline and candidate_evaluation on the second test batch",
     )
     new_test_set = latest["candidate_evaluation"].metadata["test_set_version"]
     assert new_test_set != first_test_set
     assert latest["baseline"].metadata["test_set_version"] == new_test_set
-    assert latest["candidate_evaluation"].metadata["test_images"] > candidate.metadata["test_images"]
+    assert (
+        latest["candidate_evaluation"].metadata["test_images"] > candidate.metadata["test_images"]
+    )
     # The same candidate, evaluated on more images: no retraining for new test data.
     assert latest["candidate_evaluation"].metadata["model_version"] == deployed["deployed_version"]
     assert dagster_dev.materializations("fine_tuned_model") == trained
