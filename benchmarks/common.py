@@ -296,7 +296,7 @@ def warm_page_cache(files: list[Path]) -> None:
 
 def ingest_split(landing_root: Path, home: Path, split: str, workers: int | None = None):
     """Ingest one split into ``home`` (pixel cache + DuckDB file), as the pipeline does: read
-    the ledger and known content, ``ingest_new_objects``, ``record_ingest`` in one transaction.
+    the ledger and known content, ``ingest_new_objects``, ``IngestBatch.record`` in one transaction.
 
     One connection (and lock) for the whole split; the ``raw_<split>_images`` asset opens a
     second one to record and also reads the landing totals for its data version.
@@ -320,9 +320,7 @@ def ingest_split(landing_root: Path, home: Path, split: str, workers: int | None
             PixelCache(home / "pixels"),
             workers=workers,
         )
-        catalog.record_ingest(
-            conn, batch.accepted_frame(), batch.rejected_frame(), batch.ledger_frame()
-        )
+        batch.record(conn)
     return batch
 
 

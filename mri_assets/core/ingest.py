@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
+from mri_assets.core import catalog
 from mri_assets.core.catalog import KnownImage
 from mri_assets.core.images import (
     DEFAULT_MAX_PIXELS,
@@ -187,6 +188,16 @@ class IngestBatch:
                 "split_folder": self.split,
                 "removed_at": self.processed_at,
             }
+        )
+
+    def record(self, conn) -> None:
+        """Write this batch to the catalogue in one transaction (catalog.record_ingest)."""
+        catalog.record_ingest(
+            conn,
+            self.accepted_frame(),
+            self.rejected_frame(),
+            self.ledger_frame(),
+            self.removed_frame(),
         )
 
     def failure_summary(self, limit: int = 5) -> str:

@@ -94,13 +94,7 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         except EmptyListingRefused as refusal:
             raise dg.Failure(str(refusal), allow_retries=False) from refusal
         with warehouse.connection() as conn:
-            catalog.record_ingest(
-                conn,
-                batch.accepted_frame(),
-                batch.rejected_frame(),
-                batch.ledger_frame(),
-                batch.removed_frame(),
-            )
+            batch.record(conn)
             totals = catalog.landing_totals(conn, split)
         _log_batch(context, batch, split)
         yield dg.MaterializeResult(

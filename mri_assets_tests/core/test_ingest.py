@@ -13,7 +13,8 @@ from mri_assets_tests.conftest import png_bytes
 CLASSES = ClassSpec()
 
 
-def ingest(landing, conn, cache, split="train"):
+def ingest(landing, conn, cache, split="train", workers=None):
+    """One ingest run of ``split``, recorded as the raw asset records it."""
     batch = ingest_new_objects(
         landing,
         split,
@@ -21,14 +22,9 @@ def ingest(landing, conn, cache, split="train"):
         catalog.known_images(conn),
         CLASSES,
         cache,
+        workers=workers,
     )
-    catalog.record_ingest(
-        conn,
-        batch.accepted_frame(),
-        batch.rejected_frame(),
-        batch.ledger_frame(),
-        batch.removed_frame(),
-    )
+    batch.record(conn)
     return batch
 
 

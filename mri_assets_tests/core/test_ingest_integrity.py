@@ -18,7 +18,7 @@ from PIL import Image
 
 from mri_assets.core import catalog
 from mri_assets.core.images import MemoryBudget, decode_image, near_duplicate_pairs
-from mri_assets.core.ingest import EmptyListingRefused, ingest_new_objects
+from mri_assets.core.ingest import EmptyListingRefused
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.landing import LocalLanding, S3Landing
 from mri_assets.core.pixel_cache import PixelCache
@@ -220,13 +220,13 @@ def test_an_s3_server_stopped_mid_run_fails_reads_without_rejecting_them(tmp_pat
         landing = StopsServerMidRun(client, "s3://scans/in", server, after=3)
         with duckdb.connect(str(tmp_path / "mri.duckdb")) as conn:
             cache = PixelCache(tmp_path / "px")
-            batch = ingest_with(landing, conn, cache, workers=1)
+            batch = ingest(landing, conn, cache, workers=1)
             assert len(batch.accepted) == 3 and batch.rejected == []
             assert batch.failed and len(batch.failed) + batch.not_tried == 9
             assert "ReadTimeout" in batch.failed[0].error or "timed out" in batch.failed[0].error
             assert len(catalog.ledger_fingerprints(conn, "train")) == 3
             os.kill(server.pid, signal.SIGCONT)  # the fault clears
-            healed = ingest_with(S3Landing(client, "s3://scans/in"), conn, cache, workers=1)
+            healed = ingest(S3Landing(client, "s3://scans/in"), conn, cache, workers=1)
             assert len(healed.accepted) == 9 and healed.failed == []
             assert len(catalog.ledger_fingerprints(conn, "train")) == 12
             assert catalog.rebuild_rejected_images(conn).empty
@@ -234,26 +234,6 @@ def test_an_s3_server_stopped_mid_run_fails_reads_without_rejecting_them(tmp_pat
         os.kill(server.pid, signal.SIGCONT)
         server.kill()
         server.wait()
-
-
-def ingest_with(landing, conn, cache, workers):
-    batch = ingest_new_objects(
-        landing,
-        "train",
-        catalog.ledger_fingerprints(conn, "train"),
-        catalog.known_images(conn),
-        CLASSES,
-        cache,
-        workers=workers,
-    )
-    catalog.record_ingest(
-        conn,
-        batch.accepted_frame(),
-        batch.rejected_frame(),
-        batch.ledger_frame(),
-        batch.removed_frame(),
-    )
-    return batch
 
 
 def test_concurrent_decodes_stay_within_the_memory_budget():
