@@ -17,8 +17,8 @@ from mri_assets.resources import (
     WarehouseResource,
 )
 
-# Evaluated every few seconds: each tick is a cheap read of the instance's event log (~0.3 s). The
-# daemon wakes every 5 s; at exactly 5 s some wake-ups are missed by milliseconds (10 s gaps), so 4.
+# Evaluated every few seconds: each tick is a cheap read of the instance's event log. The daemon
+# wakes every 5 s; at exactly 5 s some wake-ups are missed by milliseconds (10 s gaps), so 4.
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "automation_sensor",
     target=dg.AssetSelection.all(),
@@ -49,7 +49,7 @@ defs = dg.Definitions(
     sensors=[*landing_sensors, automation_sensor, *alert_sensors],
     resources=build_resources(),
     # Steps of a run share its process: a step's own process would re-import Dagster, torch and
-    # transformers (~2-3 s each), and on two cores the steps gain nothing from running side by
+    # transformers (seconds each), and on two cores the steps gain nothing from running side by
     # side. Pools still apply. On Kubernetes, each run is one pod (K8sRunLauncher) either way.
     executor=dg.in_process_executor,
 )

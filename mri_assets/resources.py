@@ -166,8 +166,9 @@ class SlackAlerts(dg.ConfigurableResource):
 
 
 class ModelStoreResource(dg.ConfigurableResource):
-    """Model versions, the deployed pointer and base models ($MRI_HOME/models); the linear-probe
-    embedding cache lives beside it ($MRI_HOME/embeddings)."""
+    """Model versions, the deployed pointer and base models (``root``, default $MRI_HOME/models),
+    and the linear-probe embedding cache, which is always $MRI_HOME/embeddings: outside the
+    store, because embeddings are recomputable and never part of a model version."""
 
     root: str | None = None
     settings: dg.ResourceDependency[MriSettingsResource]
@@ -184,6 +185,6 @@ class ModelStoreResource(dg.ConfigurableResource):
         return self.open().base_root
 
     def embedding_cache(self):
-        from mri_assets.core.train import EmbeddingCache
+        from mri_assets.core.embedding_cache import EmbeddingCache
 
         return EmbeddingCache(self.settings.resolve().embedding_cache_dir)

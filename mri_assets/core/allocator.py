@@ -3,9 +3,9 @@
 By default glibc serves large allocations with fresh ``mmap`` pages (above a threshold that it
 moves with the allocation history, up to 32 MiB) and hands freed heap tops back to the kernel. A
 ResNet batch allocates tens of MiB per layer, so each batch can pay its page faults again, and the
-speed of the same pass swings with whatever the process allocated before: predicting the default
-test set took 0.75 s or 1.3 s depending on the reads that preceded it, and full fine-tuning ran
-~18 % slower (benchmarks/inference.py, benchmarks/full_finetune.py). Keeping freed memory in the
+speed of the same pass swings with whatever the process allocated before: prediction and full
+fine-tuning ran markedly slower after some reads than after others (benchmarks/inference.py,
+benchmarks/full_finetune.py measure it). Keeping freed memory in the
 heap makes both steady and fast. The price is that a process keeps its peak memory until it
 exits, which suits a run worker; the webserver and daemon never call this.
 """

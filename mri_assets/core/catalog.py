@@ -5,7 +5,6 @@ Every function takes an open DuckDB connection; none opens one, so the caller de
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import weakref
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
+
+from mri_assets.core.files import lock_exclusively
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS landing_ledger (
@@ -149,20 +150,15 @@ def exclusive_lock(database: str | Path) -> Iterator[None]:
     """Hold ``<database>.lock`` exclusively: DuckDB allows one writing process per file, so
     writers queue on this lock instead of failing, whichever Dagster instance launched them."""
     path = Path(database)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with lock_exclusively(path.with_name(path.name + ".lock")):
+        yield
 
 
 # DuckDB keeps a result open until it is fully fetched, so single rows are read with fetchall().
 
 
-# Connections whose schema is in place: the DDL costs ~1 ms a call and every function here needs
-# it, so it runs once per connection (an increment's fixed cost is a budget of a few ms).
+# Connections whose schema is in place: the DDL is not free and every function here needs it, so
+# it runs once per connection (a small increment's fixed cost has a tight budget).
 _schema_ready: weakref.WeakSet = weakref.WeakSet()
 
 

@@ -50,13 +50,16 @@ def fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def replaced_atomically(target: Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+def replaced_atomically(
+    target: Path, mode: str = "wb", durable: bool = True, suffix: str = TEMP_SUFFIX
+) -> Iterator[IO]:
     """A temp file beside ``target``, renamed over it when the block succeeds, so readers see the
     old file or the new one. ``durable``: the file and then its folder are fsynced, so the new
-    file also survives a power loss. The temp file (``.<name>.<random>.tmp``) stays locked until
-    it is renamed, so ``sweep_temp_files`` never takes it from a live writer."""
+    file also survives a power loss. The temp file (``.<name>.<random><suffix>``) stays locked
+    until it is renamed, so ``sweep_temp_files`` never takes it from a live writer; it sweeps
+    only the default ``.tmp`` suffix."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, mode) as handle, _locked_fd(handle.fileno(), tmp):
             yield handle
@@ -70,6 +73,20 @@ def replaced_atomically(target: Path, mode: str = "wb", durable: bool = True) ->
         raise
     if durable:
         fsync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def lock_exclusively(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created with its folder if missing, never
+    truncated) until the block exits, waiting while another process or thread holds it. The
+    kernel drops the lock when the process dies, so a killed holder never blocks the next."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 @contextlib.contextmanager

@@ -58,33 +58,6 @@ def predict_probabilities(
     return torch.cat(outputs).cpu().numpy()
 
 
-def logits_of(
-    model: PreTrainedModel,
-    inputs: torch.Tensor,
-    batch_size: int = 64,
-    *,
-    device: str | torch.device | None = None,
-    mixed_precision: bool | None = None,
-) -> torch.Tensor:
-    """Logits (float32, on the CPU) for an already preprocessed batch (N, 3, S, S), in eval
-    mode and without grad, computed on ``device``."""
-    import torch
-
-    where = placement(device, mixed_precision)
-    model.eval()
-    if where.reference:
-        with torch.inference_mode():
-            return torch.cat(
-                [model(pixel_values=part).logits for part in _batches(inputs, batch_size)]
-            )
-    with model_on(model, where), fast_cuda_kernels(where), torch.inference_mode():
-        parts = []
-        for part in _batches(inputs, batch_size):
-            with where.autocast():
-                parts.append(model(pixel_values=where.to_device(where.pin(part))).logits.float())
-        return torch.cat(parts).cpu()
-
-
 def embed(
     model: PreTrainedModel,
     preprocessing: Preprocessing,
@@ -97,7 +70,8 @@ def embed(
     """Pooled backbone features (N, D) as float32: what the classifier head sees.
 
     Runs in channels_last memory format, in batches of 32: on CPU both make a ResNet-50 pass at
-    224 px about twice as fast per image as contiguous batches of 64 (benchmarks/training.py).
+    224 px faster per image than contiguous batches of 64, whose activations no longer fit the
+    caches (benchmarks/training.py measures it).
     """
     import torch
 
@@ -174,8 +148,3 @@ def pooled_features(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor
             "whose base model returns pooler_output (e.g. ResNet, ConvNeXt)"
         )
     return pooled.flatten(1)
-
-
-def _batches(inputs: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, inputs.shape[0], batch_size):
-        yield inputs[start : start + batch_size]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from mri_assets.core.files import replaced_atomically
 
 SPLITS = ("train", "test")
 # botocore client settings for the landing zone. A sensor tick must end well inside Dagster's
@@ -154,17 +155,11 @@ class LocalLanding:
             return handle.read()
 
     def write(self, key: str, data: bytes) -> None:
-        """Write through a hidden temp file and rename, so no listing sees a partial file."""
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write through a hidden temp file and rename, so no listing sees a partial file. The
+        temp file ends in ``.part``, a name the landing sensor leaves alone as a copy in
+        progress (and no sweep removes: nothing is deleted from the landing zone)."""
+        with replaced_atomically(self.root / key, durable=False, suffix=".part") as handle:
+            handle.write(data)
 
 
 def _local_object(key: str, stat: os.stat_result) -> LandedObject:

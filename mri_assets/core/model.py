@@ -382,7 +382,7 @@ def preprocess_pixels(
 
     Images of one shape are resized together (bilinear, antialiased) in chunks of ``chunk``, so a
     list of mixed sizes costs one interpolate call per shape and chunk, never one per image.
-    The resize runs on the uint8 pixels (torch's vectorised uint8 path, ~3x faster than float32;
+    The resize runs on the uint8 pixels (torch's vectorised uint8 path is faster than float32;
     a resized value differs from the float one by at most one grey level), then normalises.
     ``pin_memory`` writes the result into page-locked memory, for asynchronous copies to a GPU.
     """

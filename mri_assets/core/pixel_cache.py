@@ -4,10 +4,9 @@ Layout under ``root``::
 
     packs/<uuid>.pack   raw array bytes of many images, back to back
     packs/<uuid>.idx    JSON: sha256 -> offset, shape, dtype of each array in the pack
-    ab/<sha256>.npy     one image per file (the earlier layout; still read, no longer written)
 
-Creating a file costs ~0.3-0.5 ms on our volumes whatever its size, which made one file per image
-the larger part of ingest; a pack holds a whole ingest chunk. The index is the commit point: the
+Creating a file has a fixed cost whatever its size, which made one file per image the larger
+part of ingest; a pack holds a whole ingest chunk. The index is the commit point: the
 data is written first, then the index through a temp file and a rename, so a pack without an
 index (a crash mid-write) is simply ignored; both files and the folder are fsynced before the
 rename, so the rows DuckDB records afterwards never outlive their pixels, even across a power
@@ -55,13 +54,6 @@ _RECOVER = (
 )
 
 
-def save_npy_atomically(target: Path, array: np.ndarray) -> None:
-    """Write ``array`` as .npy through a temp file and a rename: never half-written. Not fsynced:
-    what it stores (embeddings) is recomputed when missing."""
-    with replaced_atomically(target, durable=False) as handle:
-        np.save(handle, array)
-
-
 class PixelCacheError(OSError):
     """The cache itself failed: an ingest batch must fail whole rather than blame one object."""
 
@@ -103,11 +95,8 @@ class PixelCache:
         self._indexes_read: set[str] = set()
         self._lock = threading.Lock()
 
-    def legacy_path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / f"{sha256}.npy"
-
     def has(self, sha256: str) -> bool:
-        return self._locate(sha256) is not None or self.legacy_path(sha256).exists()
+        return self._locate(sha256) is not None
 
     def put(self, sha256: str, pixels: np.ndarray) -> None:
         """Store one image (a pack of one); ingest uses ``writer()`` to pack many at once."""
@@ -176,7 +165,10 @@ class PixelCache:
             if entry is not None:
                 by_pack.setdefault(entry.data, []).append((position, entry))
             else:
-                found[position] = self._get_legacy(sha)
+                raise KeyError(
+                    f"no cached pixels for sha256 {sha} under {self.root}; touch or upload again "
+                    "the landed file that holds it, so the next ingest decodes it again"
+                )
         for data, entries in by_pack.items():
             try:
                 handle = open(data, "rb")  # noqa: SIM115 - closed below; the error needs the name
@@ -188,15 +180,6 @@ class PixelCache:
                 for position, entry in sorted(entries, key=lambda item: item[1].offset):
                     found[position] = _read_array(handle, entry)
         return [found[position] for position in range(len(wanted))]
-
-    def _get_legacy(self, sha256: str) -> np.ndarray:
-        path = self.legacy_path(sha256)
-        if not path.exists():
-            raise KeyError(
-                f"no cached pixels for sha256 {sha256} under {self.root}; touch or upload again "
-                "the landed file that holds it, so the next ingest decodes it again"
-            )
-        return np.load(path, allow_pickle=False)
 
     def _locate(self, sha256: str) -> PackEntry | None:
         entry = self._entries.get(sha256)
@@ -268,7 +251,7 @@ class PackWriter:
     """Buffers decoded images and writes a pack every ``max_images`` images or ``max_bytes``.
 
     Packs are written and fsynced by one background thread: the fsync waits on the disk, not a
-    core, so decoding goes on meanwhile (fsync inline cost ingest ~20 % of its throughput).
+    core, so decoding goes on meanwhile instead of waiting for each pack's fsync.
     """
 
     def __init__(self, cache: PixelCache, max_images: int, max_bytes: int) -> None:

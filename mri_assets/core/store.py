@@ -14,7 +14,6 @@ torch and transformers are imported only when a model is saved or loaded.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -22,7 +21,6 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mri_assets.core.files import (
     LEFTOVER_GRACE_SECONDS,
     held_for_writing,
+    lock_exclusively,
     remove_if_abandoned,
     replaced_atomically,
     sweep_temp_files,
@@ -266,16 +265,9 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(self.root / DEPLOYMENTS_FILE, history)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise read-modify-write of deployments.json across processes."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".deployments.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return lock_exclusively(self.root / ".deployments.lock")
 
 
 def _deployment_stack(history: list[dict[str, Any]]) -> list[str]:

@@ -21,27 +21,25 @@ GPU runs are repeatable only to rounding.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mri_assets.core.allocator import keep_freed_memory_for_reuse
+from mri_assets.core.catalog import dataset_version
 from mri_assets.core.devices import Placement, fast_cuda_kernels, model_on, placement
+from mri_assets.core.embedding_cache import EmbeddingCache
 from mri_assets.core.model import (
-    PREPROCESSING_VERSION,
     Preprocessing,
     head_linear,
     preprocess_pixels,
     weights_fingerprint,
 )
-from mri_assets.core.pixel_cache import save_npy_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +80,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     augment: bool = True  # full strategy only
     # None keeps torch's default (one thread per core: fastest on an idle machine). On a shared,
-    # busy machine 1 avoids OpenMP threads waiting on each other (measured ~1.8x faster there).
+    # busy machine 1 avoids OpenMP threads waiting on each other, which is often faster there.
     # Results are bit-identical for a given seed and thread count; another count changes the
     # floating-point summation order, so the weights differ slightly.
     num_threads: int | None = None
@@ -177,43 +175,6 @@ class TrainResult:
             "device": self.device,
             "precision": self.precision,
         }
-
-
-class EmbeddingCache:
-    """``root/<backbone+preprocessing key>/ab/<sha256>.npy``: one float32 embedding per image.
-
-    The key folds in a fingerprint of the backbone weights and the preprocessing, so a changed
-    base model or image size never reuses stale embeddings. Plain .npy, read without pickle.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    @staticmethod
-    def key(
-        backbone_fingerprint: str, preprocessing: Preprocessing, precision: str = "fp32"
-    ) -> str:
-        """Folder name for one backbone, preprocessing and precision. Mixed-precision embeddings
-        differ from float32 ones in the last bits, so they never share a folder (float32 keeps
-        the key it always had)."""
-        norm = hashlib.sha256(
-            repr((preprocessing.mean, preprocessing.std, PREPROCESSING_VERSION)).encode()
-        ).hexdigest()
-        key = f"{backbone_fingerprint[:16]}-{preprocessing.image_size}px-{norm[:8]}"
-        return key if precision == "fp32" else f"{key}-{precision}"
-
-    def path(self, key: str, sha256: str) -> Path:
-        return self.root / key / sha256[:2] / f"{sha256}.npy"
-
-    def has(self, key: str, sha256: str) -> bool:
-        return self.path(key, sha256).exists()
-
-    def get(self, key: str, sha256: str) -> np.ndarray:
-        return np.load(self.path(key, sha256), allow_pickle=False)
-
-    def put(self, key: str, sha256: str, embedding: np.ndarray) -> None:
-        """Atomic write (temp file + os.replace): a reader never sees half an embedding."""
-        save_npy_atomically(self.path(key, sha256), np.asarray(embedding, dtype=np.float32))
 
 
 def fine_tune(
@@ -367,7 +328,7 @@ def _train_full(
     if where.is_cuda:
         inputs = _resident_or_pinned(inputs, where, log)
     else:
-        # channels_last: a ResNet's convolutions train ~1.2-1.5x faster on CPU in that layout.
+        # channels_last: a ResNet's convolutions train faster on CPU in that layout.
         # (MPS shares memory with the CPU: the whole set simply lives on the device.)
         inputs = where.to_device(inputs.contiguous(memory_format=torch.channels_last))
     log(f"{len(sha256s)} images preprocessed in {time.perf_counter() - started:.1f}s")
@@ -490,8 +451,8 @@ def cached_embeddings(
 ) -> np.ndarray:
     """Pooled backbone embeddings (N, D) of ``sha256s``; the backbone runs once per uncached image.
 
-    Batches of 32: on CPU a ResNet-50 at 224 px runs ~1.4x faster per image than in batches of
-    64, whose activations no longer fit the caches (benchmarks/training.py). Pixels are looked
+    Batches of 32: on CPU a ResNet-50 at 224 px runs faster per image than in batches of 64,
+    whose activations no longer fit the caches (benchmarks/training.py). Pixels are looked
     up ``chunk_size`` images at a time, which bounds memory and the number of ``embed`` calls
     (each converts the weights to channels_last and back). ``where`` (default: the CPU in
     float32) is where the backbone runs; its precision is part of the cache key.
@@ -525,31 +486,29 @@ def cached_embeddings(
     return np.stack([computed[sha] if sha in computed else cache.get(key, sha) for sha in sha256s])
 
 
-def data_snapshot_hash(sha256s: Sequence[str], labels: Sequence[int | str]) -> str:
-    """sha256 of the sorted ``sha256:label`` lines: the same images and labels give the same hash."""
-    lines = sorted(f"{sha}:{label}" for sha, label in zip(sha256s, labels, strict=True))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
 def training_record(
     result: TrainResult,
     sha256s: Sequence[str],
     labels: Sequence[int],
     class_names: Sequence[str],
-    base_model: str,
+    base_model: str | dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
     """The JSON training record of a run: data snapshot, base model, config, per-epoch metrics.
 
-    ``extra`` (e.g. ``positive_class``, ``train_set_version``) is merged in as given;
-    ModelStore.save_version adds the version id, creation time and code version.
+    ``labels`` are class indices into ``class_names``. The data snapshot's ``sha256`` is the
+    train set's ``catalog.dataset_version`` (over sha256s and label names), so a record names
+    the same set version as the ``train_images`` asset. ``extra`` (e.g. ``positive_class``,
+    ``train_set_version``) is merged in as given; ModelStore.save_version adds the version id,
+    creation time and code version.
     """
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    names = tuple(class_names[label] for label in labels)
     return {
         "base_model": base_model,
         "classes": list(class_names),
         "data_snapshot": {
-            "sha256": data_snapshot_hash(sha256s, labels),
+            "sha256": dataset_version(tuple(sha256s), names),
             "n_images": len(sha256s),
             "n_per_class": dict(zip(class_names, counts.tolist(), strict=True)),
         },

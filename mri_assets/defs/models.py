@@ -375,7 +375,7 @@ def fine_tuned_model(
     warehouse: WarehouseResource,
     pixels: PixelCacheResource,
 ) -> dg.MaterializeResult:
-    from mri_assets.core.train import data_snapshot_hash, fine_tune
+    from mri_assets.core.train import fine_tune, training_record
 
     resolved = settings.resolve()
     train_set = current_split(warehouse, "train")
@@ -385,28 +385,30 @@ def fine_tuned_model(
         )
     train_config = config.to_train_config()
     base, base_version = load_base(settings, model_store)
+    labels = [resolved.classes.index(label) for label in train_set.labels]
     started = time.perf_counter()
     result = fine_tune(
         base.model,
         base.preprocessing,
         list(train_set.sha256s),
-        [resolved.classes.index(label) for label in train_set.labels],
+        labels,
         pixels.open().get_many,
         train_config,
         embedding_cache=model_store.embedding_cache(),
         log=context.log.info,
         device=resolved.device,
     )
-    record = {
-        "base_model": {"spec": base.spec, "source": base.source, "version": base_version},
+    record = training_record(
+        result,
+        train_set.sha256s,
+        labels,
+        resolved.classes.names,
+        base_model={"spec": base.spec, "source": base.source, "version": base_version},
         # candidate_evaluation finds the candidate by this: the newest version on the train set.
-        "train_set_version": train_set.version,
-        "data_snapshot": data_snapshot_hash(train_set.sha256s, train_set.labels),
-        "classes": list(resolved.classes.names),
-        "positive_class": resolved.classes.positive,
-        "dagster_run_id": context.run.run_id,
-        **result.summary(),
-    }
+        train_set_version=train_set.version,
+        positive_class=resolved.classes.positive,
+        dagster_run_id=context.run.run_id,
+    )
     version = model_store.open().save_version(result.model, result.preprocessing, record)
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
     return dg.MaterializeResult(

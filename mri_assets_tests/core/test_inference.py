@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from mri_assets.core.inference import embed, logits_of, predict_probabilities
+from mri_assets.core.inference import embed, predict_probabilities
 from mri_assets.core.model import Preprocessing, preprocess_pixels
 
 PREPROCESSING = Preprocessing(32)
@@ -59,7 +59,8 @@ def test_embeddings_are_what_the_head_sees(model, pixels) -> None:
     features = embed(model, PREPROCESSING, pixels, batch_size=2)
 
     assert features.shape == (5, 16) and features.dtype == np.float32
+    model.eval()
     with torch.no_grad():
         logits_from_head = model.classifier(torch.from_numpy(features))
-    logits = logits_of(model, preprocess_pixels(pixels, PREPROCESSING), batch_size=2)
+        logits = model(pixel_values=preprocess_pixels(pixels, PREPROCESSING)).logits
     assert torch.allclose(logits_from_head, logits, atol=1e-5)

@@ -20,7 +20,6 @@ from mri_assets.core.pixel_cache import (
     CorruptPack,
     PackWriteFailed,
     PixelCache,
-    save_npy_atomically,
 )
 
 
@@ -151,15 +150,6 @@ def test_a_packs_path_that_cannot_be_listed_fails_loudly(tmp_path):
         PixelCache(tmp_path).put(sha(1), image(1))
     with pytest.raises(CacheUnreadable, match="cannot list"):
         PixelCache(tmp_path).has(sha(1))
-
-
-def test_old_one_file_per_image_entries_are_still_read(tmp_path):
-    save_npy_atomically(tmp_path / sha(7)[:2] / f"{sha(7)}.npy", image(7))
-    cache = PixelCache(tmp_path)
-    write(cache, [1])
-    assert cache.has(sha(7))
-    got = cache.get_many([sha(1), sha(7)])
-    np.testing.assert_array_equal(got[1], image(7))
 
 
 def test_packs_added_later_are_found_by_an_open_cache(tmp_path):

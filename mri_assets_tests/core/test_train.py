@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mri_assets.core.catalog import dataset_version
+from mri_assets.core.embedding_cache import EmbeddingCache
 from mri_assets.core.inference import predict_probabilities
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.metrics import classification_metrics
 from mri_assets.core.model import BaseModel, load_base_model, weights_fingerprint
 from mri_assets.core.train import (
-    EmbeddingCache,
     TrainConfig,
-    data_snapshot_hash,
     fine_tune,
     recommended_config,
     stratified_split,
@@ -263,8 +263,11 @@ def test_training_record_and_snapshot_hash(base, train_set) -> None:
         result, sha256s, labels, CLASSES.names, "embedded", positive_class="meningioma"
     )
 
-    assert record["data_snapshot"]["sha256"] == data_snapshot_hash(sha256s[::-1], labels[::-1])
-    assert record["data_snapshot"]["sha256"] != data_snapshot_hash(sha256s, [1 - y for y in labels])
+    names = tuple(CLASSES.names[y] for y in labels)
+    swapped = tuple(CLASSES.names[1 - y] for y in labels)
+    # The snapshot is the train set's dataset_version: order-free, and it changes with a label.
+    assert record["data_snapshot"]["sha256"] == dataset_version(tuple(sha256s[::-1]), names[::-1])
+    assert record["data_snapshot"]["sha256"] != dataset_version(tuple(sha256s), swapped)
     assert record["data_snapshot"]["n_per_class"] == {"glioma": 40, "meningioma": 40}
     assert record["config"]["strategy"] == "linear_probe"
     assert record["config"]["learning_rate"] == 0.01

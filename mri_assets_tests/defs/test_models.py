@@ -73,6 +73,11 @@ def test_chain_promotes_a_trained_model_and_refuses_a_worse_one(landed, fake_sla
         trained = meta(first, "fine_tuned_model")
         assert "data:image/png;base64" in trained["training_curve"]
         assert trained["epochs"].count("\n") == trained["epochs_run"] + 1  # header, rule, rows
+        record = store.training_record(trained["model_version"])  # train.training_record's
+        assert record["data_snapshot"]["sha256"] == record["train_set_version"]
+        assert record["data_snapshot"]["n_images"] == sum(
+            record["data_snapshot"]["n_per_class"].values()
+        )
         deployed = meta(first, "deployed_model")
         assert deployed["decision"] == "promote"
         assert store.deployed()["version"] == trained["model_version"]
