@@ -5,7 +5,7 @@ Every field is optional: left unset, it falls back to the setting of the same me
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
-from mri_assets.core.catalog import exclusive_lock
+from mri_assets.core.catalog import Column, exclusive_lock
 from mri_assets.core.landing import S3_CLIENT_SETTINGS, Landing, LocalLanding, S3Landing
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.settings import SETTING, Settings
@@ -109,6 +109,19 @@ class WarehouseResource(dg.ConfigurableResource):
                 yield conn
             finally:
                 conn.close()
+
+
+def column_schema(columns: Iterable[Column]) -> dict[str, dg.TableSchema]:
+    """Asset metadata naming a DuckDB table's columns (``dagster/column_schema``), from the
+    table's description in core (catalog, evaluation_records)."""
+    return {
+        "dagster/column_schema": dg.TableSchema(
+            columns=[
+                dg.TableColumn(name=c.name, type=c.type, description=c.description or None)
+                for c in columns
+            ]
+        )
+    }
 
 
 class PixelCacheResource(dg.ConfigurableResource):

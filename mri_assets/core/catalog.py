@@ -81,6 +81,39 @@ CREATE TABLE IF NOT EXISTS dataset_members (
 );
 """
 
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a catalogue table: its name, its DuckDB type and what it holds. The Dagster
+    layer shows these as each table asset's column schema; a test compares them with DuckDB."""
+
+    name: str
+    type: str
+    description: str = ""
+
+
+# The columns ingest records per accepted object (the raw_<split>_images assets).
+LANDED_IMAGES_COLUMNS = (
+    Column("source_key", "VARCHAR", "Path of the object below the landing zone"),
+    Column("split_folder", "VARCHAR", "Landing folder it was found in: train or test"),
+    Column("sha256", "VARCHAR", "sha256 of the file's bytes"),
+    Column("label", "VARCHAR", "Class, from the nearest folder or the file name"),
+    Column("width", "INTEGER", "Width in pixels"),
+    Column("height", "INTEGER", "Height in pixels"),
+    Column("source_mode", "VARCHAR", "Pixel mode of the file (L, RGB, I;16, ...)"),
+    Column("source_format", "VARCHAR", "Format of the file (PNG, JPEG, DICOM, ...)"),
+    Column("size_bytes", "BIGINT", "Size of the file"),
+    Column("first_seen", "TIMESTAMP", "When the key was first ingested"),
+    Column("updated_at", "TIMESTAMP", "When its current content was ingested"),
+    Column("pixel_sha256", "VARCHAR", "sha256 of the decoded pixels: one id per content"),
+    Column("perceptual_hash", "VARCHAR", "64-bit dHash, hex: near-identical slices are close"),
+    Column("modality", "VARCHAR", "DICOM modality (DICOM only)"),
+    Column("series_description", "VARCHAR", "DICOM series description (DICOM only)"),
+    Column("pixel_spacing_mm", "VARCHAR", "DICOM row x column spacing (DICOM only)"),
+    Column("series_uid_sha256", "VARCHAR", "sha256 of the DICOM series UID (DICOM only)"),
+)
+
+
 # First come, first served: an image belongs to the split it was first seen in (test wins a tie,
 # so the held-out set is never thinned by a simultaneous train copy); later copies of the same
 # content are recorded as duplicates with the reason, and content carrying two labels is excluded.
@@ -135,6 +168,25 @@ FROM ranked
 ORDER BY source_key
 """
 
+IMAGES_COLUMNS = (
+    Column("source_key", "VARCHAR", "Path of the file below the landing zone"),
+    Column("sha256", "VARCHAR", "sha256 of the file's bytes"),
+    Column("label", "VARCHAR", "Class"),
+    Column("landing_split", "VARCHAR", "Landing folder it was found in: train or test"),
+    Column("split", "VARCHAR", "Split it is used in: train, test, duplicate or conflict"),
+    Column("split_reason", "VARCHAR", "Why a duplicate or conflict is left out of the sets"),
+    Column("width", "INTEGER", "Width in pixels"),
+    Column("height", "INTEGER", "Height in pixels"),
+    Column("source_format", "VARCHAR", "Format of the file (PNG, JPEG, DICOM, ...)"),
+    Column("first_seen", "TIMESTAMP", "When the file was first ingested"),
+    Column("content_id", "VARCHAR", "Decoded-pixel sha256 (file sha256 for older rows)"),
+    Column("perceptual_hash", "VARCHAR", "64-bit dHash, hex"),
+    Column("modality", "VARCHAR", "DICOM modality (DICOM only)"),
+    Column("series_description", "VARCHAR", "DICOM series description (DICOM only)"),
+    Column("pixel_spacing_mm", "VARCHAR", "DICOM row x column spacing (DICOM only)"),
+    Column("series_uid_sha256", "VARCHAR", "sha256 of the DICOM series UID (DICOM only)"),
+)
+
 REJECTED_QUERY = """
 SELECT r.source_key, r.split_folder, r.reason, r.detail, r.rejected_at,
        a.source_key IS NOT NULL AS earlier_version_kept
@@ -143,6 +195,26 @@ JOIN landing_ledger l ON l.source_key = r.source_key AND l.fingerprint = r.finge
 LEFT JOIN landed_images a ON a.source_key = r.source_key
 ORDER BY r.source_key
 """
+
+
+REJECTED_IMAGES_COLUMNS = (
+    Column("source_key", "VARCHAR", "Path of the object below the landing zone"),
+    Column("split_folder", "VARCHAR", "Landing folder it was found in: train or test"),
+    Column("reason", "VARCHAR", "Why it could not be used (empty_file, truncated, ...)"),
+    Column("detail", "VARCHAR", "What exactly was wrong"),
+    Column("rejected_at", "TIMESTAMP", "When it was rejected"),
+    Column("earlier_version_kept", "BOOLEAN", "An earlier, accepted content of the key is kept"),
+)
+
+# The frozen train_images and test_images tables: a projection of `images`.
+SPLIT_TABLE_COLUMNS = (
+    Column("source_key", "VARCHAR", "Path of the file below the landing zone"),
+    Column("sha256", "VARCHAR", "sha256 of the file's bytes"),
+    Column("label", "VARCHAR", "Class"),
+    Column("width", "INTEGER", "Width in pixels"),
+    Column("height", "INTEGER", "Height in pixels"),
+    Column("first_seen", "TIMESTAMP", "When the file was first ingested"),
+)
 
 
 @contextmanager
@@ -328,10 +400,10 @@ def record_split_table(conn, split: str) -> SplitSnapshot:
     ensure_schema(conn)
     snapshot = snapshot_from_images(conn, split)
     table = f"{split}_images"
+    columns = ", ".join(column.name for column in SPLIT_TABLE_COLUMNS)
     conn.execute(
         f"CREATE OR REPLACE TABLE {table} AS "
-        "SELECT source_key, sha256, label, width, height, first_seen FROM images "
-        "WHERE split = ? ORDER BY sha256",
+        f"SELECT {columns} FROM images WHERE split = ? ORDER BY sha256",
         [split],
     )
     exists = conn.execute(

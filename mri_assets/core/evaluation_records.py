@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from mri_assets.core.catalog import SplitSnapshot
+from mri_assets.core.catalog import Column, SplitSnapshot
 from mri_assets.core.evaluation import Evaluation
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.promotion import Decision, Score, Standing
@@ -58,6 +58,30 @@ CREATE TABLE IF NOT EXISTS standings (
     PRIMARY KEY (candidate_version, test_set_version)
 );
 """
+
+# The standings table, as candidate_evaluation's column schema shows it.
+STANDINGS_COLUMNS = (
+    Column("candidate_version", "VARCHAR", "Model version of the candidate"),
+    Column("test_set_version", "VARCHAR", "Test-set version all three were evaluated on"),
+    Column("action", "VARCHAR", "promote, keep or refuse"),
+    Column("reason", "VARCHAR", "Why, in words"),
+    Column("margin", "DOUBLE", "AUC the candidate had to gain (MRI_PROMOTION_MARGIN)"),
+    Column("n_test", "INTEGER", "Test images"),
+    Column("base_rate_accuracy", "DOUBLE", "Accuracy of always answering the larger class"),
+    Column("candidate_roc_auc", "DOUBLE", "Candidate's ROC AUC"),
+    Column("candidate_accuracy", "DOUBLE", "Candidate's accuracy"),
+    Column("candidate_log_loss", "DOUBLE", "Candidate's log loss"),
+    Column("baseline_version", "VARCHAR", "Version of the base model evaluated as baseline"),
+    Column("baseline_roc_auc", "DOUBLE", "Baseline's ROC AUC"),
+    Column("baseline_accuracy", "DOUBLE", "Baseline's accuracy"),
+    Column("baseline_log_loss", "DOUBLE", "Baseline's log loss"),
+    Column("deployed_version", "VARCHAR", "Model deployed when it was decided (NULL: none)"),
+    Column("deployed_roc_auc", "DOUBLE", "Deployed model's ROC AUC"),
+    Column("deployed_accuracy", "DOUBLE", "Deployed model's accuracy"),
+    Column("deployed_log_loss", "DOUBLE", "Deployed model's log loss"),
+    Column("dagster_run_id", "VARCHAR", "Run of candidate_evaluation that decided it"),
+    Column("decided_at", "TIMESTAMP", "When it was decided"),
+)
 
 _STANDING_COLUMNS = (
     "candidate_version, test_set_version, action, reason, margin, n_test, base_rate_accuracy, "

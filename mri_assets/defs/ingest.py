@@ -19,6 +19,7 @@ from mri_assets.resources import (
     MriSettingsResource,
     PixelCacheResource,
     WarehouseResource,
+    column_schema,
 )
 
 # A landing folder still being written is given one more tick to settle, so one upload becomes one
@@ -57,6 +58,7 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         kinds={"python", "duckdb", "s3"},
         pool="duckdb",
         retry_policy=STEP_RETRY_POLICY,
+        metadata=column_schema(catalog.LANDED_IMAGES_COLUMNS),  # its rows in `landed_images`
         description=(
             f"Every object under the landing zone's `{split}/` folder, read once, validated, "
             "hashed (file sha256 and decoded-pixel sha256), its decoded pixels cached, and "

@@ -17,6 +17,7 @@ from mri_assets.core.evaluation import (
     metrics_metadata,
 )
 from mri_assets.core.evaluation_records import (
+    STANDINGS_COLUMNS,
     find_evaluation,
     find_standing,
     record_evaluation,
@@ -33,6 +34,7 @@ from mri_assets.resources import (
     MriSettingsResource,
     PixelCacheResource,
     WarehouseResource,
+    column_schema,
 )
 
 TRAIN_IMAGES = dg.AssetKey("train_images")
@@ -461,6 +463,7 @@ def training_curve_markdown(epochs: Sequence[EpochMetrics]) -> str:
     deps=[fine_tuned_model, baseline, TEST_IMAGES],
     kinds={"pytorch", "duckdb"},
     automation_condition=eager_after_frozen_sets(),
+    metadata=column_schema(STANDINGS_COLUMNS),  # its row in `standings`
     description=(
         "The candidate (the newest model trained on the current train set), the deployed model "
         "and the baseline on the same, current test-set version (ROC AUC from probabilities, "

@@ -7,7 +7,7 @@ from mri_assets.core import catalog
 from mri_assets.core.images import NEAR_DUPLICATE_BITS, near_duplicate_pairs
 from mri_assets.core.landing import SPLITS
 from mri_assets.defs.ingest import STEP_RETRY_POLICY, raw_images_key
-from mri_assets.resources import MriSettingsResource, WarehouseResource
+from mri_assets.resources import MriSettingsResource, WarehouseResource, column_schema
 
 REJECTED_SHARE_WARNING = 0.05
 RAW_DEPS = [raw_images_key(split) for split in SPLITS]
@@ -36,6 +36,7 @@ def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     pool="duckdb",
     retry_policy=STEP_RETRY_POLICY,
     automation_condition=dg.AutomationCondition.eager(),
+    metadata=column_schema(catalog.IMAGES_COLUMNS),
     description=(
         "DuckDB table `images`: one row per accepted file with its sha256, label and the split it "
         "is used in. A copy of content already seen (the same decoded pixels, whatever the file "
@@ -77,6 +78,7 @@ def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
     pool="duckdb",
     retry_policy=STEP_RETRY_POLICY,
     automation_condition=dg.AutomationCondition.eager(),
+    metadata=column_schema(catalog.REJECTED_IMAGES_COLUMNS),
     description=(
         "DuckDB table `rejected_images`: every landed object whose latest version could not be "
         "used, with the reason (empty_file, not_an_image, unsupported_format, multi_frame, "
@@ -121,6 +123,7 @@ def build_split_asset(split: str) -> dg.AssetsDefinition:
         retry_policy=STEP_RETRY_POLICY,
         output_required=False,
         automation_condition=dg.AutomationCondition.eager(),
+        metadata=column_schema(catalog.SPLIT_TABLE_COLUMNS),
         description=(
             f"DuckDB table `{split}_images`: the frozen {split} set (sha256, label), versioned by "
             "its content. It materializes only when that version changes, so a re-landed copy "

@@ -6,7 +6,12 @@ from mri_assets.defs.ingest import raw_image_assets
 from mri_assets.defs.tables import table_assets, table_checks
 from mri_assets_tests.bad_files import BAD_FILES
 from mri_assets_tests.conftest import png_bytes
-from mri_assets_tests.defs.helpers import materialize, resources_for
+from mri_assets_tests.defs.helpers import (
+    declared_columns,
+    duckdb_columns,
+    materialize,
+    resources_for,
+)
 
 ASSETS = [*raw_image_assets, *table_assets, *table_checks]
 
@@ -58,6 +63,25 @@ def test_ingest_and_tables_end_to_end_on_a_local_folder(mri_env):
             conn.execute("SELECT count(*) FROM images WHERE split='train'").fetchall()[0][0]
             == 6 + 5
         )
+
+
+def test_declared_column_schemas_are_the_duckdb_tables(mri_env):
+    landing = LocalLanding(mri_env / "landing")
+    land_small_dataset(landing)
+    landing.write("train/glioma/empty.png", b"")
+    with dg.instance_for_test() as instance:
+        materialize(ASSETS, resources_for(), instance)
+    tables = {
+        "raw_train_images": "landed_images",
+        "raw_test_images": "landed_images",
+        "images": "images",
+        "rejected_images": "rejected_images",
+        "train_images": "train_images",
+        "test_images": "test_images",
+    }
+    with duckdb.connect(str(mri_env / "mri.duckdb"), read_only=True) as conn:
+        for asset, table in tables.items():
+            assert declared_columns(asset) == duckdb_columns(conn, table), asset
 
 
 def test_landing_a_test_copy_of_a_train_image_keeps_the_splits_apart(mri_env):

@@ -9,7 +9,7 @@ import pytest
 from mri_assets.core.phantoms import write_dataset
 from mri_assets.core.store import ModelStore
 from mri_assets.definitions import defs
-from mri_assets_tests.defs.helpers import resources_for
+from mri_assets_tests.defs.helpers import declared_columns, duckdb_columns, resources_for
 
 ALL = [*defs.assets, *defs.asset_checks]
 # An unchanged train set does not re-materialize train_images (so automation never retrains on
@@ -114,6 +114,7 @@ def test_chain_promotes_a_trained_model_and_refuses_a_worse_one(landed, fake_sla
             "SELECT action, deployed_version FROM standings ORDER BY decided_at"
         ).fetchall()
         assert standings == [("promote", None), ("refuse", good_version)]
+        assert declared_columns("candidate_evaluation") == duckdb_columns(conn, "standings")
 
 
 def test_crash_between_saving_and_promoting_keeps_the_previous_model(landed, monkeypatch):
