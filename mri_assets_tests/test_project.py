@@ -1,5 +1,6 @@
 """The project's promises about itself: the README stays true, definitions load and validate."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,32 @@ def test_dagster_definitions_validate(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dg_checks_and_lists_the_same_definitions(tmp_path):
+    """`dg` (dagster-dg-cli, the dev extra) works in the project: pyproject's [tool.dg] points it
+    at mri_assets.definitions, the module workspace.yaml loads."""
+    dg_cli = Path(sys.executable).with_name("dg")
+    assert dg_cli.exists(), f"{dg_cli} missing: install the dev extra (pip install -e '.[dev]')"
+    # As if the venv were activated: dg warns when the active venv is not the project's.
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "VIRTUAL_ENV": sys.prefix}
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+
+    def dg(*args: str) -> str:
+        result = subprocess.run(
+            [str(dg_cli), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    assert "All definitions loaded successfully" in dg("check", "defs")
+    listed = json.loads(dg("list", "defs", "--json"))
+    from mri_assets.definitions import defs
+
+    assert {a["asset_key"] for a in listed["assets"]} == {
+        key.to_user_string() for key in defs.resolve_all_asset_keys()
+    }
+    assert {s["name"] for s in listed["sensors"]} >= {"train_landing_sensor", "automation_sensor"}
 
 
 def test_readme_names_every_launchpad_field():
