@@ -168,23 +168,24 @@ FROM ranked
 ORDER BY source_key
 """
 
+_LANDED = {column.name: column for column in LANDED_IMAGES_COLUMNS}
 IMAGES_COLUMNS = (
-    Column("source_key", "VARCHAR", "Path of the file below the landing zone"),
-    Column("sha256", "VARCHAR", "sha256 of the file's bytes"),
-    Column("label", "VARCHAR", "Class"),
+    *(_LANDED[name] for name in ("source_key", "sha256", "label")),
     Column("landing_split", "VARCHAR", "Landing folder it was found in: train or test"),
     Column("split", "VARCHAR", "Split it is used in: train, test, duplicate or conflict"),
     Column("split_reason", "VARCHAR", "Why a duplicate or conflict is left out of the sets"),
-    Column("width", "INTEGER", "Width in pixels"),
-    Column("height", "INTEGER", "Height in pixels"),
-    Column("source_format", "VARCHAR", "Format of the file (PNG, JPEG, DICOM, ...)"),
-    Column("first_seen", "TIMESTAMP", "When the file was first ingested"),
+    *(_LANDED[name] for name in ("width", "height", "source_format", "first_seen")),
     Column("content_id", "VARCHAR", "Decoded-pixel sha256 (file sha256 for older rows)"),
-    Column("perceptual_hash", "VARCHAR", "64-bit dHash, hex"),
-    Column("modality", "VARCHAR", "DICOM modality (DICOM only)"),
-    Column("series_description", "VARCHAR", "DICOM series description (DICOM only)"),
-    Column("pixel_spacing_mm", "VARCHAR", "DICOM row x column spacing (DICOM only)"),
-    Column("series_uid_sha256", "VARCHAR", "sha256 of the DICOM series UID (DICOM only)"),
+    *(
+        _LANDED[name]
+        for name in (
+            "perceptual_hash",
+            "modality",
+            "series_description",
+            "pixel_spacing_mm",
+            "series_uid_sha256",
+        )
+    ),
 )
 
 REJECTED_QUERY = """
@@ -207,13 +208,10 @@ REJECTED_IMAGES_COLUMNS = (
 )
 
 # The frozen train_images and test_images tables: a projection of `images`.
-SPLIT_TABLE_COLUMNS = (
-    Column("source_key", "VARCHAR", "Path of the file below the landing zone"),
-    Column("sha256", "VARCHAR", "sha256 of the file's bytes"),
-    Column("label", "VARCHAR", "Class"),
-    Column("width", "INTEGER", "Width in pixels"),
-    Column("height", "INTEGER", "Height in pixels"),
-    Column("first_seen", "TIMESTAMP", "When the file was first ingested"),
+SPLIT_TABLE_COLUMNS = tuple(
+    column
+    for column in IMAGES_COLUMNS
+    if column.name in ("source_key", "sha256", "label", "width", "height", "first_seen")
 )
 
 

@@ -224,74 +224,69 @@ def fine_tune(
         fast_cuda_kernels(where),
     ):
         torch.manual_seed(config.seed)
+        job = _Job(
+            model=model,
+            preprocessing=preprocessing,
+            sha256s=sha256s,
+            targets=targets,
+            pixels_lookup=pixels_lookup,
+            config=config,
+            split=(train_idx, val_idx),
+            embedding_cache=embedding_cache,
+            log=log,
+            where=where,
+        )
         if config.strategy == "full":
-            epochs, best_epoch, stopped_early = _train_full(
-                model,
-                preprocessing,
-                sha256s,
-                targets,
-                pixels_lookup,
-                config,
-                (train_idx, val_idx),
-                embedding_cache,
-                log,
-                where,
-                notes,
-            )
+            epochs, best_epoch, stopped_early = _train_full(job, notes)
         else:
-            epochs, best_epoch, stopped_early = _train_linear_probe(
-                model,
-                preprocessing,
-                sha256s,
-                targets,
-                pixels_lookup,
-                config,
-                (train_idx, val_idx),
-                embedding_cache,
-                log,
-                where,
-            )
+            epochs, best_epoch, stopped_early = _train_linear_probe(job)
     model.eval()
     duration = time.perf_counter() - started
     log(f"best epoch {best_epoch} of {len(epochs)}; training took {duration:.1f}s")
     if not len(val_idx):
         notes.append("no validation slice: the last epoch is kept")
     return TrainResult(
-        model,
-        preprocessing,
-        config,
-        epochs,
-        best_epoch,
-        duration,
-        len(train_idx),
-        len(val_idx),
-        stopped_early,
-        notes,
-        str(where.device),
-        where.precision,
+        model=model,
+        preprocessing=preprocessing,
+        config=config,
+        epochs=epochs,
+        best_epoch=best_epoch,
+        duration_seconds=duration,
+        n_train=len(train_idx),
+        n_validation=len(val_idx),
+        stopped_early=stopped_early,
+        notes=notes,
+        device=str(where.device),
+        precision=where.precision,
     )
 
 
-def _train_full(
-    model: PreTrainedModel,
-    preprocessing: Preprocessing,
-    sha256s: Sequence[str],
-    targets: np.ndarray,
-    pixels_lookup: PixelsLookup,
-    config: TrainConfig,
-    split: tuple[np.ndarray, np.ndarray],
-    embedding_cache: EmbeddingCache | None,
-    log: Callable[[str], None],
-    where: Placement,
-    notes: list[str],
-) -> tuple[list[EpochMetrics], int, bool]:
+@dataclass(frozen=True)
+class _Job:
+    """What one strategy trains on: the model, the data, the (train, validation) split, how."""
+
+    model: PreTrainedModel
+    preprocessing: Preprocessing
+    sha256s: Sequence[str]
+    targets: np.ndarray
+    pixels_lookup: PixelsLookup
+    config: TrainConfig
+    split: tuple[np.ndarray, np.ndarray]
+    embedding_cache: EmbeddingCache | None
+    log: Callable[[str], None]
+    where: Placement
+
+
+def _train_full(job: _Job, notes: list[str]) -> tuple[list[EpochMetrics], int, bool]:
     """Every weight trains; images are preprocessed to tensors once, augmented per batch."""
     import torch
 
     from mri_assets.core.inference import channels_last
 
+    model, preprocessing, sha256s, config = job.model, job.preprocessing, job.sha256s, job.config
+    log, where = job.log, job.where
     started = time.perf_counter()
-    pixels = pixels_lookup(list(sha256s))
+    pixels = job.pixels_lookup(list(sha256s))
     probe_history: list[EpochMetrics] = []
     probe_best, probe_loss = 0, None
     if config.probe_epochs:
@@ -307,16 +302,7 @@ def _train_full(
         )
         log(f"linear-probe warm start: {config.probe_epochs} epochs on frozen features")
         probe_history, probe_best, _ = _train_linear_probe(
-            model,
-            preprocessing,
-            sha256s,
-            targets,
-            lambda shas: [by_sha[s] for s in shas],
-            probe_config,
-            split,
-            embedding_cache,
-            log,
-            where,
+            replace(job, pixels_lookup=lambda shas: [by_sha[s] for s in shas], config=probe_config)
         )
         probe_loss = probe_history[probe_best - 1].val_loss
         notes.append(
@@ -348,7 +334,7 @@ def _train_full(
         # better (a backbone whose batch-norm statistics do not fit the data can get worse
         # before it gets better), the warm start's weights are kept.
         history, best_epoch, stopped_early = loop.run(
-            inputs, torch.from_numpy(targets), *split, log, best_loss=probe_loss
+            inputs, torch.from_numpy(job.targets), *job.split, log, best_loss=probe_loss
         )
     if not probe_history:
         return history, best_epoch, stopped_early
@@ -372,18 +358,7 @@ def _resident_or_pinned(
     return inputs
 
 
-def _train_linear_probe(
-    model: PreTrainedModel,
-    preprocessing: Preprocessing,
-    sha256s: Sequence[str],
-    targets: np.ndarray,
-    pixels_lookup: PixelsLookup,
-    config: TrainConfig,
-    split: tuple[np.ndarray, np.ndarray],
-    embedding_cache: EmbeddingCache | None,
-    log: Callable[[str], None],
-    where: Placement,
-) -> tuple[list[EpochMetrics], int, bool]:
+def _train_linear_probe(job: _Job) -> tuple[list[EpochMetrics], int, bool]:
     """Backbone frozen; a linear head trains on standardised embeddings, then is folded back.
 
     Raw pooled features of an untrained or foreign backbone can have any scale; standardising
@@ -394,9 +369,16 @@ def _train_linear_probe(
     """
     import torch
 
+    model, split = job.model, job.split
     features = torch.from_numpy(
         cached_embeddings(
-            model, preprocessing, sha256s, pixels_lookup, embedding_cache, log, where=where
+            model,
+            job.preprocessing,
+            job.sha256s,
+            job.pixels_lookup,
+            job.embedding_cache,
+            job.log,
+            where=job.where,
         )
     )
     train_features = features[torch.from_numpy(split[0])]
@@ -407,8 +389,8 @@ def _train_linear_probe(
     probe = torch.nn.Linear(head.in_features, head.out_features)
     torch.nn.init.zeros_(probe.weight)
     torch.nn.init.zeros_(probe.bias)
-    loop = _TrainingLoop(probe, probe, config, augment=False)
-    result = loop.run((features - mean) / std, torch.from_numpy(targets), *split, log)
+    loop = _TrainingLoop(probe, probe, job.config, augment=False)
+    result = loop.run((features - mean) / std, torch.from_numpy(job.targets), *split, job.log)
     with torch.no_grad():  # W((x - mean) / std) + b == (W / std) x + (b - W (mean / std))
         weight, bias = probe.weight / std, probe.bias - probe.weight @ (mean / std)
         head.weight.copy_(weight.to(head.weight.device))

@@ -11,6 +11,14 @@ from mri_assets.resources import MriSettingsResource, WarehouseResource, column_
 
 REJECTED_SHARE_WARNING = 0.05
 RAW_DEPS = [raw_images_key(split) for split in SPLITS]
+# Every table asset rebuilds a DuckDB table as soon as what it is made from changes.
+TABLE_ASSET = {
+    "group_name": "tables",
+    "kinds": {"duckdb", "table"},
+    "pool": "duckdb",
+    "retry_policy": STEP_RETRY_POLICY,
+    "automation_condition": dg.AutomationCondition.eager(),
+}
 
 
 def markdown_preview(frame: pd.DataFrame, rows: int = 20) -> dg.MetadataValue:
@@ -30,12 +38,8 @@ def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 
 @dg.asset(
+    **TABLE_ASSET,
     deps=RAW_DEPS,
-    group_name="tables",
-    kinds={"duckdb", "table"},
-    pool="duckdb",
-    retry_policy=STEP_RETRY_POLICY,
-    automation_condition=dg.AutomationCondition.eager(),
     metadata=column_schema(catalog.IMAGES_COLUMNS),
     description=(
         "DuckDB table `images`: one row per accepted file with its sha256, label and the split it "
@@ -72,12 +76,8 @@ def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
 
 
 @dg.asset(
+    **TABLE_ASSET,
     deps=RAW_DEPS,
-    group_name="tables",
-    kinds={"duckdb", "table"},
-    pool="duckdb",
-    retry_policy=STEP_RETRY_POLICY,
-    automation_condition=dg.AutomationCondition.eager(),
     metadata=column_schema(catalog.REJECTED_IMAGES_COLUMNS),
     description=(
         "DuckDB table `rejected_images`: every landed object whose latest version could not be "
@@ -115,14 +115,10 @@ def last_dataset_version(context: dg.AssetExecutionContext) -> str | None:
 
 def build_split_asset(split: str) -> dg.AssetsDefinition:
     @dg.asset(
+        **TABLE_ASSET,
         name=f"{split}_images",
         deps=[images],
-        group_name="tables",
-        kinds={"duckdb", "table"},
-        pool="duckdb",
-        retry_policy=STEP_RETRY_POLICY,
         output_required=False,
-        automation_condition=dg.AutomationCondition.eager(),
         metadata=column_schema(catalog.SPLIT_TABLE_COLUMNS),
         description=(
             f"DuckDB table `{split}_images`: the frozen {split} set (sha256, label), versioned by "
