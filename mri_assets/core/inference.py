@@ -4,6 +4,9 @@ Every entry point takes ``device`` (see core/devices.py; None keeps the CPU) and
 ``mixed_precision`` (None: autocast on CUDA only). Pixels are resized and normalised on the CPU
 one batch at a time; on a GPU each batch goes over from pinned memory asynchronously and results
 stay on the device until the end, so preparing the next batch overlaps the current forward pass.
+
+This module imports torch: it is itself imported only where torch work starts (inside the
+functions of evaluation, train and the CLI), so loading the Dagster definitions never pulls it in.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from mri_assets.core.allocator import keep_freed_memory_for_reuse
 from mri_assets.core.devices import Placement, fast_cuda_kernels, model_on, placement
 from mri_assets.core.model import Preprocessing, preprocess_pixels
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel
 
 
@@ -38,8 +41,6 @@ def predict_probabilities(
     batch so memory stays bounded by ``batch_size`` images. Runs in channels_last (see embed),
     on ``device``; the model is handed back on the device it came on.
     """
-    import torch
-
     if not pixels:
         return np.zeros((0, int(model.config.num_labels)), dtype=np.float32)
     where = placement(device, mixed_precision)
@@ -73,8 +74,6 @@ def embed(
     224 px faster per image than contiguous batches of 64, whose activations no longer fit the
     caches (benchmarks/training.py measures it).
     """
-    import torch
-
     if not pixels:
         return np.zeros((0, 0), dtype=np.float32)
     where = placement(device, mixed_precision)
@@ -101,8 +100,6 @@ def _inference_batches(
     """Preprocessed channels_last batches of ``pixels`` on ``where.device``, yielded while the
     model is there, in eval mode, channels_last and inference mode (the fast path; see
     channels_last and allocator)."""
-    import torch
-
     keep_freed_memory_for_reuse()
     model.eval()
     with (
@@ -126,8 +123,6 @@ def channels_last(model: PreTrainedModel) -> Iterator[None]:
     """The model's 4-D weights in channels_last for the block, then back to contiguous (so a
     later save or training step sees the usual layout). Converted outside inference mode, so
     the weights never become inference tensors."""
-    import torch
-
     model.to(memory_format=torch.channels_last)
     try:
         yield
