@@ -353,6 +353,46 @@ def rebuild_rejected_images(conn) -> pd.DataFrame:
     return conn.execute("SELECT * FROM rejected_images").df()
 
 
+def images_in_both_splits(conn) -> list[str]:
+    """One source_key per content (decoded pixels, or file bytes) that ``images`` has in both
+    the train and the test split: what must never happen."""
+    rows = conn.execute(
+        "SELECT any_value(source_key) FROM images WHERE split IN ('train', 'test') "
+        "GROUP BY content_id HAVING count(DISTINCT split) > 1 "
+        "UNION ALL SELECT any_value(source_key) FROM images WHERE split IN ('train', 'test') "
+        "GROUP BY sha256 HAVING count(DISTINCT split) > 1"
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def perceptual_hashes_by_split(conn) -> dict[str, list[tuple[str, str]]]:
+    """split -> (source_key, perceptual hash) of the train and test images that have one."""
+    rows = conn.execute(
+        "SELECT source_key, split, perceptual_hash FROM images "
+        "WHERE split IN ('train', 'test') AND perceptual_hash IS NOT NULL"
+    ).fetchall()
+    result: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    for key, split, phash in rows:
+        result[split].append((key, phash))
+    return result
+
+
+def label_counts_by_split(conn) -> list[tuple[str, str, int]]:
+    """(split, label, images) of the train and test rows of ``images``."""
+    return conn.execute(
+        "SELECT split, label, count(*) FROM images WHERE split IN ('train', 'test') "
+        "GROUP BY split, label"
+    ).fetchall()
+
+
+def landing_outcomes(conn) -> tuple[int, int]:
+    """(accepted, rejected): how the latest version of every landed object ended."""
+    return conn.execute(
+        "SELECT count(*) FILTER (WHERE outcome = 'accepted'), "
+        "count(*) FILTER (WHERE outcome = 'rejected') FROM landing_ledger"
+    ).fetchall()[0]
+
+
 @dataclass(frozen=True)
 class SplitSnapshot:
     """The images of one split at one moment, with a version derived from their content."""

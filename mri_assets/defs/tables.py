@@ -159,15 +159,10 @@ test_images = build_split_asset("test")
 )
 def no_train_test_overlap(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.connection() as conn:
-        shared = conn.execute(
-            "SELECT any_value(source_key) FROM images WHERE split IN ('train', 'test') "
-            "GROUP BY content_id HAVING count(DISTINCT split) > 1 "
-            "UNION ALL SELECT any_value(source_key) FROM images WHERE split IN ('train', 'test') "
-            "GROUP BY sha256 HAVING count(DISTINCT split) > 1"
-        ).fetchall()
+        shared = catalog.images_in_both_splits(conn)
     return dg.AssetCheckResult(
         passed=not shared,
-        metadata={"shared_images": len(shared), "examples": [r[0] for r in shared[:5]]},
+        metadata={"shared_images": len(shared), "examples": shared[:5]},
     )
 
 
@@ -181,14 +176,8 @@ def no_train_test_overlap(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 )
 def near_duplicates_across_splits(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.connection() as conn:
-        rows = conn.execute(
-            "SELECT source_key, split, perceptual_hash FROM images "
-            "WHERE split IN ('train', 'test') AND perceptual_hash IS NOT NULL"
-        ).fetchall()
-    pairs = near_duplicate_pairs(
-        [(key, h) for key, split, h in rows if split == "train"],
-        [(key, h) for key, split, h in rows if split == "test"],
-    )
+        hashes = catalog.perceptual_hashes_by_split(conn)
+    pairs = near_duplicate_pairs(hashes["train"], hashes["test"])
     preview = pd.DataFrame(pairs[:50], columns=["train_key", "test_key", "differing_bits"])
     return dg.AssetCheckResult(
         passed=not pairs,
@@ -205,10 +194,7 @@ def both_classes_in_each_split(
 ) -> dg.AssetCheckResult:
     classes = settings.resolve().classes.names
     with warehouse.connection() as conn:
-        rows = conn.execute(
-            "SELECT split, label, count(*) FROM images WHERE split IN ('train', 'test') "
-            "GROUP BY split, label"
-        ).fetchall()
+        rows = catalog.label_counts_by_split(conn)
     counts = {split: {label: 0 for label in classes} for split in SPLITS}
     for split, label, count in rows:
         counts[split][label] = count
@@ -228,10 +214,7 @@ def both_classes_in_each_split(
 )
 def rejected_share(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.connection() as conn:
-        accepted, rejected = conn.execute(
-            "SELECT count(*) FILTER (WHERE outcome = 'accepted'), "
-            "count(*) FILTER (WHERE outcome = 'rejected') FROM landing_ledger"
-        ).fetchall()[0]
+        accepted, rejected = catalog.landing_outcomes(conn)
     total = accepted + rejected
     share = rejected / total if total else 0.0
     return dg.AssetCheckResult(
