@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from benchmarks.common import (
@@ -53,6 +54,15 @@ def train_sensor():
     return next(s for s in landing_sensors if s.name == "train_landing_sensor")
 
 
+@cache
+def instance():
+    """The Dagster instance the ticks read (the latest raw_train_images materialization, the
+    sensor's active runs): in memory, as cheap to query as it gets."""
+    import dagster as dg
+
+    return dg.DagsterInstance.ephemeral()
+
+
 def tick(location: str, home: Path, cursor: str | None):
     """One real evaluation of the train landing sensor; returns (seconds, run requests, cursor)."""
     import dagster as dg
@@ -63,16 +73,38 @@ def tick(location: str, home: Path, cursor: str | None):
     sensor = train_sensor()
     started = time.perf_counter()
     resources = build_resources(MriSettingsResource(home=str(home)), landing=location)
-    with dg.build_sensor_context(cursor=cursor, resources={"landing": resources["landing"]}) as ctx:
+    with dg.build_sensor_context(
+        cursor=cursor, resources={"landing": resources["landing"]}, instance=instance()
+    ) as ctx:
         result = sensor.evaluate_tick(ctx)
     return time.perf_counter() - started, result.run_requests, result.cursor
 
 
+def record_listing(location: str, home: Path) -> str:
+    """What a successful ingest run leaves for the sensor: a raw_train_images materialization
+    whose listing_digest is the current listing. Returns that digest."""
+    import dagster as dg
+
+    from mri_assets.core.ingest import settled_listing
+    from mri_assets.core.landing import listing_digest
+    from mri_assets.definitions import build_resources
+    from mri_assets.resources import MriSettingsResource
+
+    landing = build_resources(MriSettingsResource(home=str(home)), landing=location)["landing"]
+    digest = listing_digest(settled_listing(landing.open().list_objects("train")))
+    instance().report_runless_asset_event(
+        dg.AssetMaterialization("raw_train_images", metadata={"listing_digest": digest})
+    )
+    return digest
+
+
 def settle(location: str, home: Path, cursor: str | None) -> str:
-    """Tick until the sensor has requested its run for the current listing (two ticks)."""
+    """Tick until the sensor has requested its run for the current listing (two ticks), then
+    record that listing as its run would."""
     for _ in range(3):
         _, requests, cursor = tick(location, home, cursor)
         if requests:
+            record_listing(location, home)
             return cursor
     raise RuntimeError("the sensor never requested a run for a settled landing zone")
 
@@ -228,16 +260,11 @@ def measure_zone(
 
 def settled_cursor(location: str, home: Path) -> str:
     """The cursor the sensor holds once the current listing is ingested, from one listing."""
-    from mri_assets.core.ingest import is_in_progress
-    from mri_assets.core.landing import listing_digest
-    from mri_assets.definitions import build_resources
     from mri_assets.defs.ingest import LandingCursor
-    from mri_assets.resources import MriSettingsResource
 
-    landing = build_resources(MriSettingsResource(home=str(home)), landing=location)["landing"]
-    listing = [o for o in landing.open().list_objects("train") if not is_in_progress(o)]
-    digest = listing_digest(listing)
-    return LandingCursor(digest, digest, time.time()).dump()
+    digest = record_listing(location, home)
+    now = time.time()
+    return LandingCursor(digest, now, digest, 1, now).dump()
 
 
 def _zone_figures(kind, size, idle, listings, detect, request, peak_mb) -> list[Figure]:

@@ -64,23 +64,33 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pixel_hash(pixels: np.ndarray) -> str:
-    """sha256 of the normalised pixels and their shape: equal for the same image saved as PNG or
-    BMP, or with other compression settings."""
-    digest = hashlib.sha256(repr(pixels.shape).encode())
-    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
-    return digest.hexdigest()
+# Source modes whose pixels come out gray (three equal channels) by construction.
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
-def perceptual_hash(pixels: np.ndarray) -> str:
-    """A 64-bit difference hash (dHash): the sign of each horizontal step of a 9x8 thumbnail.
+def content_hashes(pixels: np.ndarray, gray: bool | None = None) -> tuple[str, str]:
+    """(pixel hash, perceptual hash) of normalised (H, W, 3) uint8 pixels.
 
-    Survives re-encoding, resizing and small intensity changes, so two slices a few bits apart
-    are the same slice for train/test leakage purposes."""
-    gray = Image.fromarray(pixels).convert("L")
-    thumb = np.asarray(gray.resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    The pixel hash is a sha256 of the pixels and their shape: equal for the same image saved as
+    PNG or BMP, or with other compression settings. A gray image (three equal channels, as every
+    grayscale scan becomes) is hashed as its one channel, a third of the bytes; ``gray``: True
+    when the caller knows it, None to check. The perceptual hash is a 64-bit difference hash
+    (dHash, the sign of each horizontal step of a 9x8 thumbnail): it survives re-encoding,
+    resizing and small intensity changes, so slices a few bits apart are the same slice."""
+    if gray is None:
+        flat = pixels.reshape(-1, 3)
+        gray = bool((flat[:, 0] == flat[:, 1]).all() and (flat[:, 0] == flat[:, 2]).all())
+    if gray:
+        plane = np.ascontiguousarray(pixels[:, :, 0])
+        thumbnail = Image.fromarray(plane)
+    else:
+        plane = np.ascontiguousarray(pixels)
+        thumbnail = Image.fromarray(plane).convert("L")
+    digest = hashlib.sha256(f"{'gray' if gray else 'rgb'}{pixels.shape[:2]}".encode())
+    digest.update(memoryview(plane).cast("B"))
+    thumb = np.asarray(thumbnail.resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
     bits = (thumb[:, 1:] > thumb[:, :-1]).flatten()
-    return f"{int(np.packbits(bits).view('>u8')[0]):016x}"
+    return digest.hexdigest(), f"{int(np.packbits(bits).view('>u8')[0]):016x}"
 
 
 def near_duplicate_pairs(
@@ -216,7 +226,8 @@ def decode_image(
         raise ImageRejected("truncated", f"decoding failed: {error}") from error
     if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageRejected("not_an_image", f"decoded to an empty array {pixels.shape}")
-    return DecodedImage(digest, pixels, mode, fmt, pixel_hash(pixels), perceptual_hash(pixels))
+    gray = (mode in _GRAY_MODES) or None  # other modes may still hold gray content
+    return DecodedImage(digest, pixels, mode, fmt, *content_hashes(pixels, gray))
 
 
 def _decode_dicom(
@@ -236,8 +247,7 @@ def _decode_dicom(
         pixels,
         f"DICOM {fields.photometric_interpretation} {fields.bits_stored}-bit",
         "DICOM",
-        pixel_hash(pixels),
-        perceptual_hash(pixels),
+        *content_hashes(pixels, gray=True),
         dicom=fields.to_dict(),
     )
 
