@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS landed_images (
     first_seen TIMESTAMP NOT NULL,
     updated_at TIMESTAMP NOT NULL,
     pixel_sha256 VARCHAR,               -- of the decoded pixels: one id per content, any encoding
-    perceptual_hash VARCHAR,            -- 64-bit dHash, hex: near-identical slices are close
+    perceptual_hash VARCHAR,            -- 256-bit dHash, hex: near-identical slices are close
     modality VARCHAR,                   -- DICOM only, and nothing that identifies a patient
     series_description VARCHAR,
     pixel_spacing_mm VARCHAR,           -- row x column spacing
@@ -106,7 +106,7 @@ LANDED_IMAGES_COLUMNS = (
     Column("first_seen", "TIMESTAMP", "When the key was first ingested"),
     Column("updated_at", "TIMESTAMP", "When its current content was ingested"),
     Column("pixel_sha256", "VARCHAR", "sha256 of the decoded pixels: one id per content"),
-    Column("perceptual_hash", "VARCHAR", "64-bit dHash, hex: near-identical slices are close"),
+    Column("perceptual_hash", "VARCHAR", "256-bit dHash, hex: near-identical slices are close"),
     Column("modality", "VARCHAR", "DICOM modality (DICOM only)"),
     Column("series_description", "VARCHAR", "DICOM series description (DICOM only)"),
     Column("pixel_spacing_mm", "VARCHAR", "DICOM row x column spacing (DICOM only)"),

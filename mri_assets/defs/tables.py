@@ -170,7 +170,7 @@ def no_train_test_overlap(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     asset=images,
     description=(
         f"Warns when a train image and a test image are near-duplicates (perceptual hashes within "
-        f"{NEAR_DUPLICATE_BITS} of 64 bits): public MRI sets hold near-identical slices across "
+        f"{NEAR_DUPLICATE_BITS} of 256 bits): public MRI sets hold near-identical slices across "
         "their folders, which inflates test metrics."
     ),
 )
