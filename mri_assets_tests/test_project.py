@@ -76,3 +76,14 @@ def test_readme_names_every_launchpad_field():
     launchpad = readme[readme.index("Training is configured per run in the Launchpad") :]
     launchpad = launchpad[: launchpad.index("\n\n")]
     assert [f for f in FineTuneConfig.model_fields if f"`{f}`" not in launchpad] == []
+
+
+def test_every_asset_has_owners_tags_and_a_code_version():
+    from mri_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.owners == ["team:mri-ml"], key
+        assert node.tags.get("domain") == "mri", key
+        assert node.code_version, key

@@ -27,8 +27,9 @@ from mri_assets.core.labels import ClassSpec
 from mri_assets.core.metrics import png_markdown, training_curve_png
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.core.promotion import Standing, newest_version_trained_on
-from mri_assets.core.store import ModelStore, code_version
+from mri_assets.core.store import ModelStore
 from mri_assets.core.train import STRATEGIES, EpochMetrics, TrainConfig
+from mri_assets.defs.conventions import CODE_VERSION, OWNERS, TAGS
 from mri_assets.resources import (
     ModelStoreResource,
     MriSettingsResource,
@@ -43,8 +44,6 @@ TEST_IMAGES = dg.AssetKey("test_images")
 AC = dg.AutomationCondition
 
 # Shown on every model and deployment asset in the UI (Overview, asset catalog filters).
-OWNERS = ["team:mri-ml"]
-TAGS = {"domain": "mri", "modality": "t2"}
 
 # eager() treats an asset already missing on the automation sensor's first tick as "handled" (the
 # initial evaluation resets it), so base_model, which has no parents to update, would never be
@@ -301,8 +300,7 @@ MODEL_ASSET = {
     "group_name": "models",
     "owners": OWNERS,
     "tags": TAGS,
-    # The source hash the model store also writes into each version's training record.
-    "code_version": code_version(),
+    "code_version": CODE_VERSION,
 }
 
 

@@ -6,6 +6,7 @@ import pandas as pd
 from mri_assets.core import catalog
 from mri_assets.core.images import NEAR_DUPLICATE_BITS, near_duplicate_pairs
 from mri_assets.core.landing import SPLITS
+from mri_assets.defs.conventions import CODE_VERSION, OWNERS, TAGS
 from mri_assets.defs.ingest import STEP_RETRY_POLICY, raw_images_key
 from mri_assets.resources import MriSettingsResource, WarehouseResource, column_schema
 
@@ -14,6 +15,9 @@ RAW_DEPS = [raw_images_key(split) for split in SPLITS]
 # Every table asset rebuilds a DuckDB table as soon as what it is made from changes.
 TABLE_ASSET = {
     "group_name": "tables",
+    "owners": OWNERS,
+    "tags": TAGS,
+    "code_version": CODE_VERSION,
     "kinds": {"duckdb", "table"},
     "pool": "duckdb",
     "retry_policy": STEP_RETRY_POLICY,
