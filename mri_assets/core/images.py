@@ -141,10 +141,9 @@ class MemoryBudget:
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:
-    """Normalise any PIL mode (L, RGB, RGBA, P, CMYK, I;16, I, F, LA, ...) to uint8 RGB."""
+    """Normalise any PIL mode (L, RGB, RGBA, P, CMYK, I;16, I, F, LA, ...) to uint8 RGB.
+    (decode_image takes 8-bit gray scans through gray_to_rgb, which is faster.)"""
     mode = image.mode
-    if mode == "L":
-        return gray_to_rgb(np.asarray(image))
     if mode.startswith("I") or mode == "F":
         # 16-bit and float scans: stretch the used range to 0..255 rather than clip it.
         return _stretch_to_rgb(np.asarray(image))

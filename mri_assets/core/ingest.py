@@ -365,14 +365,14 @@ def ingest_new_objects(
     candidates = new_or_changed(settled, ledger)
     outcomes = _examine_all(
         candidates,
-        landing,
-        classes,
-        cache,
-        known,
-        max_pixels,
-        workers or default_workers(landing),
-        on_progress,
-        memory or MemoryBudget(default_decode_memory_bytes()),
+        landing=landing,
+        classes=classes,
+        cache=cache,
+        known=known,
+        max_pixels=max_pixels,
+        workers=workers or default_workers(landing),
+        on_progress=on_progress,
+        memory=memory or MemoryBudget(default_decode_memory_bytes()),
     )
     unrecorded = set()
     for obj, outcome in zip(candidates, outcomes, strict=True):
@@ -396,7 +396,7 @@ _NOT_TRIED = object()  # skipped after too many failures in this run
 
 
 def _examine_all(
-    candidates, landing, classes, cache, known, max_pixels, workers, on_progress, memory
+    candidates, *, landing, classes, cache, known, max_pixels, workers, on_progress, memory
 ) -> list:
     """One outcome per candidate, in order: Examined, FailedRead, _VANISHED or _NOT_TRIED."""
     failures = 0

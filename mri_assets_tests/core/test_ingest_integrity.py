@@ -236,26 +236,40 @@ def test_an_s3_server_stopped_mid_run_fails_reads_without_rejecting_them(tmp_pat
         server.wait()
 
 
-def test_concurrent_decodes_stay_within_the_memory_budget():
-    budget = MemoryBudget(100)
-    held, peak, lock = [0], [0], threading.Lock()
+def decode_concurrently(budget: MemoryBudget, sizes: list[int]) -> list[tuple[int, int]]:
+    """Threads that each hold ``size`` bytes of ``budget`` for 10 ms; every (bytes held, holders)
+    state they went through."""
+    held, holders, states, lock = [0], [0], [], threading.Lock()
 
     def decode(size):
         with budget.reserve(size):
             with lock:
                 held[0] += size
-                peak[0] = max(peak[0], held[0])
+                holders[0] += 1
+                states.append((held[0], holders[0]))
             threading.Event().wait(0.01)
             with lock:
                 held[0] -= size
+                holders[0] -= 1
 
-    threads = [threading.Thread(target=decode, args=(s,)) for s in [60, 50, 40, 30, 150, 20] * 3]
+    threads = [threading.Thread(target=decode, args=(size,)) for size in sizes]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert peak[0] >= 150  # an image larger than the budget still decodes, alone
-    assert held[0] == 0
+    return states
+
+
+def test_concurrent_decodes_stay_within_the_memory_budget():
+    sizes = [60, 50, 40, 30, 150, 20] * 3
+    states = decode_concurrently(MemoryBudget(100), sizes)
+    assert len(states) == len(sizes)
+    # Never more than the budget at once, except an image larger than it, which decodes alone.
+    assert all(held <= 100 or holders == 1 for held, holders in states)
+    assert (150, 1) in states
+    # Without the bound the same threads overlap far beyond it: the check above can fail.
+    unbounded = decode_concurrently(MemoryBudget(10**9), sizes)
+    assert max(held for held, _ in unbounded) > 100
 
 
 def test_a_sixteen_bit_scan_is_stretched_without_a_full_float_copy():
