@@ -14,7 +14,7 @@ import dagster as dg
 from mri_assets.core import catalog
 from mri_assets.core.ingest import EmptyListingRefused, ingest_new_objects, settled_listing
 from mri_assets.core.landing import SPLITS, listing_digest
-from mri_assets.defs.conventions import CODE_VERSION, OWNERS, TAGS
+from mri_assets.defs.conventions import CODE_VERSION, INGEST_STEP_TAGS, OWNERS, TAGS
 from mri_assets.resources import (
     LandingZoneResource,
     MriSettingsResource,
@@ -58,6 +58,7 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         group_name="ingest",
         owners=OWNERS,
         tags=TAGS,
+        op_tags=INGEST_STEP_TAGS,
         code_version=CODE_VERSION,
         kinds={"python", "duckdb", "s3"},
         pool="duckdb",

@@ -29,7 +29,7 @@ from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.core.promotion import Standing, newest_version_trained_on
 from mri_assets.core.store import ModelStore
 from mri_assets.core.train import STRATEGIES, EpochMetrics, TrainConfig
-from mri_assets.defs.conventions import CODE_VERSION, OWNERS, TAGS
+from mri_assets.defs.conventions import CODE_VERSION, GPU_STEP_TAGS, OWNERS, TAGS
 from mri_assets.resources import (
     ModelStoreResource,
     MriSettingsResource,
@@ -334,6 +334,7 @@ def base_model(
 @dg.asset(
     **MODEL_ASSET,
     deps=[base_model, TEST_IMAGES],
+    op_tags=GPU_STEP_TAGS,
     kinds={"pytorch", "duckdb"},
     automation_condition=eager_after_frozen_sets(),
     description=(
@@ -359,6 +360,7 @@ def baseline(
 @dg.asset(
     **MODEL_ASSET,
     deps=[base_model, TRAIN_IMAGES],
+    op_tags=GPU_STEP_TAGS,
     kinds={"pytorch", "huggingface"},
     automation_condition=eager_after_frozen_sets(),
     description=(
@@ -459,6 +461,7 @@ def training_curve_markdown(epochs: Sequence[EpochMetrics]) -> str:
 @dg.asset(
     **MODEL_ASSET,
     deps=[fine_tuned_model, baseline, TEST_IMAGES],
+    op_tags=GPU_STEP_TAGS,
     kinds={"pytorch", "duckdb"},
     automation_condition=eager_after_frozen_sets(),
     metadata=column_schema(STANDINGS_COLUMNS),  # its row in `standings`

@@ -106,6 +106,9 @@ class Materialization:
 class DagsterDev:
     """`dagster dev -w workspace.yaml` on a free loopback port, in its own process group."""
 
+    # The instance settings copied into DAGSTER_HOME (a subclass may start on another instance).
+    instance_config = REPO / "dagster.yaml"
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
@@ -133,7 +136,7 @@ class DagsterDev:
     def start(self) -> None:
         self.dagster_home.mkdir(parents=True)
         self.mri_home.mkdir(parents=True)
-        shutil.copy(REPO / "dagster.yaml", self.dagster_home / "dagster.yaml")
+        shutil.copy(self.instance_config, self.dagster_home / "dagster.yaml")
         log = self.log_path.open("wb")
         # setsid makes the server the leader of a new process group (it is not one already, so
         # setsid does not fork): the run and code-server processes it starts join that group, and
