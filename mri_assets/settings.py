@@ -145,7 +145,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "DAGSTER_HOME",
-        "Dagster instance folder; `make dev` copies `dagster.yaml` into it.",
+        "Dagster instance folder; `make dev` copies `dagster.yaml` into it (or copy "
+        "`dagster.postgres.yaml` there as `dagster.yaml` for the instance on PostgreSQL, with "
+        "the `DAGSTER_PG_*` variables: see Beyond one machine).",
         shown_default="`.dagster_home` (in `make dev`)",
         read_here=False,
     ),

@@ -18,6 +18,8 @@ TIMEOUT = 8 * 60
 # Longer than dagster-postgres's own reconnect attempts (a few, a fraction of a second apart),
 # so the outage is one that its retries cannot hide.
 OUTAGE_SECONDS = 10
+# Run, event-log and schedule storage: one pooled webserver connection each.
+STORAGES_WITH_A_POOLED_CONNECTION = 3
 
 
 class PostgresDagsterDev(DagsterDev):
@@ -52,6 +54,27 @@ def server(tmp_path, postgres):
         dev.stop()
 
 
+class StaleConnectionErrors:
+    """Calls to the UI's GraphQL that fail with a server error: after Postgres restarts, the
+    webserver's storages each hold one pooled connection to the old server (dagster-webserver
+    keeps one open per storage, without a liveness check), and the first request through each
+    fails once; the pool then reconnects. Each such error is kept (what a user would see) and
+    the call is made again."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def call(self, function, *args):
+        while True:
+            try:
+                return function(*args)
+            except urllib.error.HTTPError as error:
+                body = error.read().decode(errors="replace")
+                self.seen.append(f"{error.code}: {body[:200]}")
+                if error.code != 500 or len(self.seen) > STORAGES_WITH_A_POOLED_CONNECTION:
+                    raise
+
+
 def test_the_pipeline_runs_on_postgres_and_outlives_a_postgres_crash(server, postgres, tmp_path):
     data = make_dataset(tmp_path / "scans", 24, 24, 128, seed=0)
     landed_at = server.land(data)
@@ -65,24 +88,27 @@ def test_the_pipeline_runs_on_postgres_and_outlives_a_postgres_crash(server, pos
     postgres.start()
     print(f"postgres down from +{stopped_at - landed_at:.0f}s for {OUTAGE_SECONDS}s")
 
-    # While the webserver's storage reconnects, a UI request can fail with a server error: note
-    # each one (what a user would see) and keep polling, for as long as the deadline allows.
-    errors = []
+    errors = StaleConnectionErrors()
 
     def deployed():
-        try:
-            latest = server.latest("deployed_model")
-        except urllib.error.HTTPError as error:
-            errors.append((round(time.time() - stopped_at), error.code, error.read()[:300]))
-            return None
+        latest = errors.call(server.latest, "deployed_model")
         return latest if latest and latest.timestamp > landed_at else None
 
     deployment = server.wait_for(deployed, TIMEOUT, "deployed_model after the Postgres outage")
     assert deployment.metadata["decision"] == "promote"
-    print(f"UI errors after the outage (seconds after the stop, status, body): {errors}")
-    runs = {r["runId"]: r for r in server.runs()}
-    print("\n".join(f"{r['runId'][:8]} {r['status']}" for r in runs.values()))
-    print(f"training run {training['runId'][:8]}: {runs[training['runId']]['status']}")
+    runs = {r["runId"]: r for r in errors.call(server.runs)}
+    print("UI errors after the restart:\n" + "\n".join(errors.seen))
+    assert all("server closed the connection unexpectedly" in error for error in errors.seen)
+
+    # The training run either missed the outage or failed in it and was retried to success.
+    trained = runs[training["runId"]]["status"]
+    retries = [  # newest first, as runs() lists them
+        run
+        for run in runs.values()
+        if {"key": "dagster/root_run_id", "value": training["runId"]} in run["tags"]
+    ]
+    print(f"training run: {trained}; its retries: {[r['status'] for r in retries]}")
+    assert trained == "SUCCESS" or (trained == "FAILURE" and retries[0]["status"] == "SUCCESS")
 
     # What the UI showed is what Postgres holds: every run, with its status, and the events.
     stored = dict(postgres.query("SELECT run_id, status FROM runs"))
