@@ -11,7 +11,7 @@ CODE_VERSION = code_version()
 
 # Kubernetes: what each step's pod asks for, read by dagster-k8s when each step is its own pod
 # (`k8s_job_executor`, mri_assets/kubernetes.py); on one machine these tags change nothing.
-# https://docs.dagster.io/deployment/oss/deployment-options/kubernetes/customizing-your-deployment
+# https://docs.dagster.io/deployment/guides/kubernetes/customizing-your-deployment
 K8S_CONFIG_TAG = "dagster-k8s/config"
 # Decodes in flight hold at most 1 GiB (core/ingest.py's budget), plus DuckDB and the listing.
 INGEST_STEP_TAGS = {
