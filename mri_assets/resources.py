@@ -131,7 +131,8 @@ class PixelCacheResource(dg.ConfigurableResource):
     settings: dg.ResourceDependency[MriSettingsResource]
 
     def open(self) -> PixelCache:
-        return PixelCache(self.root or self.settings.resolve().pixel_cache_dir)
+        settings = self.settings.resolve()
+        return PixelCache(self.root or settings.pixel_cache_dir, settings.remote("pixels"))
 
 
 class SlackAlerts(dg.ConfigurableResource):
@@ -192,7 +193,7 @@ class ModelStoreResource(dg.ConfigurableResource):
     def open(self):
         from mri_assets.core.store import ModelStore
 
-        return ModelStore(self.root_path())
+        return ModelStore(self.root_path(), self.settings.resolve().remote("models"))
 
     def base_root(self) -> Path:
         return self.open().base_root
@@ -200,4 +201,5 @@ class ModelStoreResource(dg.ConfigurableResource):
     def embedding_cache(self):
         from mri_assets.core.embedding_cache import EmbeddingCache
 
-        return EmbeddingCache(self.settings.resolve().embedding_cache_dir)
+        settings = self.settings.resolve()
+        return EmbeddingCache(settings.embedding_cache_dir, settings.remote("embeddings"))
