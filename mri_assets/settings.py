@@ -89,6 +89,20 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="`$MRI_HOME/landing`",
     ),
     Setting(
+        "MRI_LANDING_QUEUE",
+        "URL of an SQS queue that receives the S3 event notifications (`s3:ObjectCreated:*`, "
+        "`s3:ObjectRemoved:*`) of an `s3://` landing zone: the landing sensors then read changes "
+        "from it instead of listing the zone on every tick. Unset: every tick lists.",
+        parse=_http_url,
+    ),
+    Setting(
+        "MRI_LANDING_FULL_LISTING_SECONDS",
+        "With `MRI_LANDING_QUEUE`: seconds between full listings of the landing zone, which "
+        "reconcile anything a lost notification missed (the first tick always lists).",
+        default="3600",
+        parse=_positive_int,
+    ),
+    Setting(
         "MRI_STORE",
         "Where durable state lives. Unset: under `MRI_HOME`. `s3://bucket/prefix`: model "
         "versions, the deployment pointer and its history, the pixel and embedding caches are "
@@ -182,6 +196,8 @@ class Settings:
 
     home: Path
     landing: str
+    landing_queue: str | None
+    full_listing_seconds: int
     store: str | None
     base_model: str
     device: str
@@ -204,6 +220,8 @@ class Settings:
         return cls(
             home=home,
             landing=value["MRI_LANDING"] or str(home / "landing"),
+            landing_queue=value["MRI_LANDING_QUEUE"],
+            full_listing_seconds=value["MRI_LANDING_FULL_LISTING_SECONDS"],
             store=value["MRI_STORE"],
             base_model=value["MRI_BASE_MODEL"],
             device=value["MRI_DEVICE"],

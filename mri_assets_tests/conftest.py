@@ -47,6 +47,7 @@ def mri_env(tmp_path, monkeypatch) -> Path:
     for name in (
         "MRI_LANDING",
         "MRI_STORE",
+        "MRI_LANDING_QUEUE",
         "MRI_BASE_MODEL",
         "MRI_CLASSES",
         "MRI_POSITIVE_CLASS",
