@@ -266,8 +266,27 @@ class ModelStore:
         )
 
     def training_record(self, version: str) -> dict[str, Any]:
-        """The JSON training record stored with a version."""
-        return json.loads((self._complete_version(version) / RECORD_FILE).read_text())
+        """The JSON training record stored with a version (with a remote, a version not cached
+        here has only its record fetched, checked against its manifest, not its weights)."""
+        folder = self.version_path(version)
+        if self.remote is None or _is_complete(folder):
+            return json.loads((self._complete_version(version) / RECORD_FILE).read_text())
+        return json.loads(self._remote_call(self._fetch_record, version))
+
+    def _fetch_record(self, version: str) -> bytes:
+        manifest = self.remote.get_bytes(_manifest_key(version))
+        record = self.remote.get_bytes(f"versions/{version}/{RECORD_FILE}")
+        if manifest is None or record is None:
+            raise ModelStoreError(
+                f"no complete model version {version!r} in {self.remote.location}"
+            )
+        expected = json.loads(manifest[0])["files"].get(RECORD_FILE, {}).get("sha256")
+        if hashlib.sha256(record[0]).hexdigest() != expected:
+            raise ModelStoreError(
+                f"{RECORD_FILE} of model version {version} in {self.remote.location} does not "
+                "match the sha256 its manifest records; the store was altered"
+            )
+        return record[0]
 
     def has_version(self, version: str) -> bool:
         try:

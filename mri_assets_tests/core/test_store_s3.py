@@ -55,6 +55,8 @@ def test_a_machine_with_an_empty_folder_loads_promotes_and_rolls_back(bucket_sto
     fresh = bucket_store("machine-b")  # nothing on its disk
     assert not fresh.root.exists()
     assert fresh.versions() == [first, second]
+    assert fresh.training_record(first)["version"] == first
+    assert not fresh.root.exists(), "a record is read without fetching the weights"
     assert fresh.deployed()["version"] == second
     loaded, preprocessing = fresh.load_version(second)
     assert weights_fingerprint(loaded) == weights_fingerprint(tiny_model(1))
