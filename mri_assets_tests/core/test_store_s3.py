@@ -250,3 +250,14 @@ def test_predict_from_an_empty_folder_with_only_mri_store_set(
     assert (mri_env / "models" / "versions" / version).is_dir()  # downloaded into the cache
     assert main(["status"]) == 0
     assert f"deployed: {version}" in capsys.readouterr().out
+
+
+def test_a_version_altered_in_the_bucket_is_refused(bucket_store) -> None:
+    writer = bucket_store("machine-a")
+    version = writer.save_version(tiny_model(0), PREPROCESSING, RECORD)
+    writer.remote.put_bytes(f"versions/{version}/config.json", b"{}")
+
+    fresh = bucket_store("machine-b")
+    with pytest.raises(ModelStoreError, match="config.json of model version .* does not match"):
+        fresh.load_version(version)
+    assert not fresh.version_path(version).exists()  # nothing half-checked is kept
