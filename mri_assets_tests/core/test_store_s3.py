@@ -20,6 +20,7 @@ from mri_assets.core.object_store import S3Objects
 from mri_assets.core.pixel_cache import PackWriteFailed, PixelCache
 from mri_assets.core.store import ModelStore, ModelStoreError
 from mri_assets_tests.conftest import start_moto_server
+from mri_assets_tests.core.store_race_worker import promote_many
 from mri_assets_tests.core.test_store import PREPROCESSING, RECORD, tiny_model
 
 
@@ -96,21 +97,6 @@ def test_a_promotion_that_lost_the_race_changes_nothing(bucket_store) -> None:
     assert [e["reason"] for e in store_a.deployment_history()] == ["first", "rival"]
 
 
-def _promote_many(endpoint, bucket, cache, version, worker, rounds, start) -> tuple[list, int]:
-    store = ModelStore(cache, remote(endpoint, bucket, "models"))
-    won, lost = [], 0
-    start.wait()
-    for attempt in range(rounds):
-        reason = f"{worker}-{attempt}"
-        try:
-            store.promote(version, 0.9, "s1", reason)
-            won.append(reason)
-        except ModelStoreError as error:
-            assert "another promotion or rollback won" in str(error)
-            lost += 1
-    return won, lost
-
-
 def test_two_processes_promoting_at_once_lose_no_promotion(
     bucket_store, moto_server, s3_bucket, tmp_path
 ) -> None:
@@ -120,7 +106,7 @@ def test_two_processes_promoting_at_once_lose_no_promotion(
     rounds = 15
     with context.Pool(2) as pool:
         results = pool.starmap(
-            _promote_many,
+            promote_many,
             [
                 (moto_server, s3_bucket, tmp_path / f"p{n}", version, n, rounds, start)
                 for n in range(2)
