@@ -8,6 +8,7 @@ is refused with ``412 Precondition Failed`` and nothing it sent is stored.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,28 @@ class S3Objects:
         except Exception as error:  # noqa: BLE001 - botocore's errors share no useful base
             raise self._failure("list", folder, error) from error
         return keys
+
+    def list_ages(self, folder: str = "") -> dict[str, float]:
+        """Every key under ``folder`` with its age in seconds (from the server's clock)."""
+        ages: dict[str, float] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(folder)
+            )
+            now = time.time()
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix) :]
+                    ages[key] = now - item["LastModified"].timestamp()
+        except Exception as error:  # noqa: BLE001 - botocore's errors share no useful base
+            raise self._failure("list", folder, error) from error
+        return ages
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove ``keys`` (a missing one is no error)."""
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            self._call("delete", keys[start], self.client.delete_objects, Delete={"Objects": batch})
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}{key}"

@@ -67,6 +67,9 @@ DEPLOYMENTS_FILE = "deployments.json"
 _STAGING_PREFIX = ".tmp-"
 _STAGING_LOCK = ".writer.lock"  # held by the saving process; removed just before the rename
 _CORE_DIR = Path(__file__).resolve().parent
+# Objects of an unpublished version are removed once untouched this long: an upload that is
+# still under way writes a file at least this often, however large the model.
+UNPUBLISHED_GRACE_SECONDS = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +228,8 @@ class ModelStore:
             for staging in sorted(self.versions_root.glob(f"{_STAGING_PREFIX}*")):
                 if remove_if_abandoned(staging, staging / _STAGING_LOCK, grace_seconds):
                     swept.append(staging)
+        if self.remote is not None:
+            swept += [Path(self.remote.url(k)) for k in self.sweep_unpublished()]
         if swept:
             log.warning(
                 "removed %d leftover(s) of model saves that were killed: %s",
@@ -232,6 +237,25 @@ class ModelStore:
                 ", ".join(str(p) for p in swept),
             )
         return swept
+
+    def sweep_unpublished(self, grace_seconds: float = UNPUBLISHED_GRACE_SECONDS) -> list[str]:
+        """Remove from the bucket the objects of versions that never got their manifest (a save
+        cut off mid-upload), once nothing of that version was written for ``grace_seconds``:
+        an upload still under way keeps writing. Returns the keys removed."""
+        ages = self._remote_call(self.remote.list_ages, "versions/")
+        published = set(self.versions())
+        by_version: dict[str, list[str]] = {}
+        for key in ages:
+            by_version.setdefault(key.split("/", 2)[1], []).append(key)
+        leftovers = [
+            key
+            for version, keys in sorted(by_version.items())
+            if version not in published and min(ages[k] for k in keys) > grace_seconds
+            for key in keys
+        ]
+        if leftovers:
+            self._remote_call(self.remote.delete, leftovers)
+        return leftovers
 
     def load_version(self, version: str) -> tuple[PreTrainedModel, Preprocessing]:
         """The model (eval mode, float32) and preprocessing of a stored version.

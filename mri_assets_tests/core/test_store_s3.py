@@ -158,6 +158,12 @@ def test_a_store_stopped_mid_upload_publishes_nothing_and_a_retry_works(
     version = writer.save_version(tiny_model(0), PREPROCESSING, RECORD)
     assert reader.versions() == [version]
     reader.load_version(version)
+    # What the cut-off save left is removed once old enough; the published version stays.
+    left = {k.split("/")[1] for k in objects.list_keys("versions/")} - {version}
+    assert len(left) == 1 and reader.sweep_unpublished(grace_seconds=3600) == []
+    swept = reader.sweep_unpublished(grace_seconds=0)
+    assert swept and {k.split("/")[1] for k in swept} == left
+    assert {k.split("/")[1] for k in objects.list_keys("versions/")} == {version}
 
 
 def test_an_unreachable_store_is_a_clear_error(tmp_path) -> None:
