@@ -91,9 +91,10 @@ def cmd_seed_landing(args: argparse.Namespace) -> int:
 
 
 def open_store(settings: Settings):
+    """The model store: local, or in the MRI_STORE bucket with the local folder as its cache."""
     from mri_assets.core.store import ModelStore
 
-    return ModelStore(settings.model_store_dir)
+    return ModelStore(settings.model_store_dir, settings.remote("models"))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -106,7 +107,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     deployed = store.deployed()
     if deployed is None:
         print(
-            f"error: no model is deployed in {settings.model_store_dir}; materialize "
+            f"error: no model is deployed in {store.location}; materialize "
             "deployed_model in Dagster (or run `make dev`) first",
             file=sys.stderr,
         )
@@ -157,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = open_store(settings)
     deployed = store.deployed()
     if deployed is None:
-        print(f"no model deployed yet (model store: {settings.model_store_dir})")
+        print(f"no model deployed yet (model store: {store.location})")
         return 0
     record = store.training_record(deployed["version"])
     print(f"deployed: {deployed['version']}")
@@ -262,7 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:
+        from mri_assets.core.store import ModelStoreError
+
+        if not isinstance(error, ModelStoreError):
+            raise
+        # An unreachable MRI_STORE, a lost race: the message says what to do; no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr
 
 from mri_assets.core.catalog import Column, exclusive_lock
 from mri_assets.core.landing import S3_CLIENT_SETTINGS, Landing, LocalLanding, S3Landing
+from mri_assets.core.landing_events import LandingQueue
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.settings import SETTING, Settings
 
@@ -66,18 +67,34 @@ class LandingZoneResource(dg.ConfigurableResource):
             return S3Landing(self.s3_client(), location)
         return LocalLanding(Path(location).expanduser().resolve())
 
-    def s3_client(self):
-        """A boto3 S3 client from the ``s3`` resource's settings, with bounded waits
-        (landing.S3_CLIENT_SETTINGS): S3Resource.get_client has no timeouts to set."""
+    def queue(self) -> LandingQueue | None:
+        """The SQS queue of the landing zone's change notifications (MRI_LANDING_QUEUE), or
+        None when the sensors list the zone on every tick."""
+        url = self.settings.resolve().landing_queue
+        if not url:
+            return None
+        location = self.resolved_location()
+        if not location.startswith("s3://"):
+            raise ValueError(
+                f"MRI_LANDING_QUEUE is set but the landing zone {location} is not s3://: "
+                "notifications come from S3 only; unset MRI_LANDING_QUEUE for a local folder"
+            )
+        return LandingQueue(self.s3_client("sqs"), url, location)
+
+    def s3_client(self, service: str = "s3"):
+        """A boto3 client (S3, or SQS for the queue) from the ``s3`` resource's settings, with
+        bounded waits (landing.S3_CLIENT_SETTINGS): S3Resource.get_client has no timeouts to
+        set."""
         import boto3
         from botocore.config import Config
 
         s3 = self.s3
         session = boto3.session.Session(profile_name=s3.profile_name)
         return session.client(
-            "s3",
+            service,
             region_name=s3.region_name,
-            endpoint_url=s3.endpoint_url,
+            # S3Resource's endpoint is S3's; SQS takes AWS_ENDPOINT_URL (boto3 reads it).
+            endpoint_url=s3.endpoint_url if service == "s3" else None,
             use_ssl=s3.use_ssl,
             verify=s3.verify,
             aws_access_key_id=s3.aws_access_key_id,
@@ -131,7 +148,8 @@ class PixelCacheResource(dg.ConfigurableResource):
     settings: dg.ResourceDependency[MriSettingsResource]
 
     def open(self) -> PixelCache:
-        return PixelCache(self.root or self.settings.resolve().pixel_cache_dir)
+        settings = self.settings.resolve()
+        return PixelCache(self.root or settings.pixel_cache_dir, settings.remote("pixels"))
 
 
 class SlackAlerts(dg.ConfigurableResource):
@@ -192,7 +210,7 @@ class ModelStoreResource(dg.ConfigurableResource):
     def open(self):
         from mri_assets.core.store import ModelStore
 
-        return ModelStore(self.root_path())
+        return ModelStore(self.root_path(), self.settings.resolve().remote("models"))
 
     def base_root(self) -> Path:
         return self.open().base_root
@@ -200,4 +218,5 @@ class ModelStoreResource(dg.ConfigurableResource):
     def embedding_cache(self):
         from mri_assets.core.embedding_cache import EmbeddingCache
 
-        return EmbeddingCache(self.settings.resolve().embedding_cache_dir)
+        settings = self.settings.resolve()
+        return EmbeddingCache(settings.embedding_cache_dir, settings.remote("embeddings"))

@@ -18,6 +18,7 @@ from typing import Any
 
 from mri_assets.core.devices import parse_device_spec
 from mri_assets.core.labels import ClassSpec
+from mri_assets.core.object_store import S3Objects, default_s3_client
 
 
 def _folder(raw: str) -> Path:
@@ -34,6 +35,12 @@ def _positive_int(raw: str) -> int:
 def _http_url(raw: str) -> str:
     if not raw.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
+    return raw.rstrip("/")
+
+
+def _s3_location(raw: str) -> str:
+    if not raw.startswith("s3://") or not raw[len("s3://") :].split("/", 1)[0]:
+        raise ValueError("must be s3://bucket or s3://bucket/prefix")
     return raw.rstrip("/")
 
 
@@ -80,6 +87,28 @@ SETTINGS: tuple[Setting, ...] = (
         "MRI_LANDING",
         "Landing zone: a local folder or `s3://bucket/prefix` (`train/**` and `test/**` below it).",
         shown_default="`$MRI_HOME/landing`",
+    ),
+    Setting(
+        "MRI_LANDING_QUEUE",
+        "URL of an SQS queue that receives the S3 event notifications (`s3:ObjectCreated:*`, "
+        "`s3:ObjectRemoved:*`) of an `s3://` landing zone: the landing sensors then read changes "
+        "from it instead of listing the zone on every tick. Unset: every tick lists.",
+        parse=_http_url,
+    ),
+    Setting(
+        "MRI_LANDING_FULL_LISTING_SECONDS",
+        "With `MRI_LANDING_QUEUE`: seconds between full listings of the landing zone, which "
+        "reconcile anything a lost notification missed (the first tick always lists).",
+        default="3600",
+        parse=_positive_int,
+    ),
+    Setting(
+        "MRI_STORE",
+        "Where durable state lives. Unset: under `MRI_HOME`. `s3://bucket/prefix`: model "
+        "versions, the deployment pointer and its history, the pixel and embedding caches are "
+        "kept there, and `MRI_HOME` holds only a cache that any run may start without.",
+        shown_default="(unset: `MRI_HOME`)",
+        parse=_s3_location,
     ),
     Setting(
         "MRI_BASE_MODEL",
@@ -169,6 +198,9 @@ class Settings:
 
     home: Path
     landing: str
+    landing_queue: str | None
+    full_listing_seconds: int
+    store: str | None
     base_model: str
     device: str
     classes: ClassSpec
@@ -190,6 +222,9 @@ class Settings:
         return cls(
             home=home,
             landing=value["MRI_LANDING"] or str(home / "landing"),
+            landing_queue=value["MRI_LANDING_QUEUE"],
+            full_listing_seconds=value["MRI_LANDING_FULL_LISTING_SECONDS"],
+            store=value["MRI_STORE"],
             base_model=value["MRI_BASE_MODEL"],
             device=value["MRI_DEVICE"],
             classes=ClassSpec.parse(value["MRI_CLASSES"], value["MRI_POSITIVE_CLASS"]),
@@ -215,3 +250,10 @@ class Settings:
     @property
     def model_store_dir(self) -> Path:
         return self.home / "models"
+
+    def remote(self, folder: str) -> S3Objects | None:
+        """``folder`` (``models``, ``pixels``, ``embeddings``) of the MRI_STORE bucket, or None
+        when durable state is local (the default)."""
+        if not self.store:
+            return None
+        return S3Objects(default_s3_client(), self.store).child(folder)

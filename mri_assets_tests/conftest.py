@@ -46,6 +46,8 @@ def mri_env(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MRI_HOME", str(home))
     for name in (
         "MRI_LANDING",
+        "MRI_STORE",
+        "MRI_LANDING_QUEUE",
         "MRI_BASE_MODEL",
         "MRI_CLASSES",
         "MRI_POSITIVE_CLASS",

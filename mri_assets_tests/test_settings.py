@@ -24,6 +24,7 @@ def test_defaults_fill_in_an_empty_environment(tmp_path, monkeypatch):
         ("MRI_DAGSTER_URL", "dagster.example.org"),
         ("MRI_SLACK_API_URL", "localhost:9000"),
         ("MRI_DEVICE", "gpu"),
+        ("MRI_STORE", "/srv/mri"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(name, value):
@@ -36,6 +37,9 @@ def test_every_setting_read_here_changes_the_settings(tmp_path):
     changed = {
         "MRI_HOME": str(tmp_path),
         "MRI_LANDING": "s3://bucket/landing",
+        "MRI_LANDING_QUEUE": "http://sqs.example.org/1/q",
+        "MRI_LANDING_FULL_LISTING_SECONDS": "60",
+        "MRI_STORE": "s3://bucket/state",
         "MRI_BASE_MODEL": "microsoft/resnet-50",
         "MRI_DEVICE": "auto",
         "MRI_CLASSES": "a,b",

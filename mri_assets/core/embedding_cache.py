@@ -13,6 +13,7 @@ import numpy as np
 
 from mri_assets.core.files import replaced_atomically
 from mri_assets.core.model import PREPROCESSING_VERSION, Preprocessing
+from mri_assets.core.object_store import S3Objects
 
 
 def save_npy_atomically(target: Path, array: np.ndarray) -> None:
@@ -29,8 +30,12 @@ class EmbeddingCache:
     base model or image size never reuses stale embeddings. Plain .npy, read without pickle.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, remote: S3Objects | None = None) -> None:
         self.root = Path(root)
+        # With MRI_STORE=s3://...: the bucket's embeddings/ folder, same layout, each object
+        # written once; ``root`` is then its cache. One listing per key tells what it holds.
+        self.remote = remote
+        self._remote_names: dict[str, set[str]] = {}
 
     @staticmethod
     def key(
@@ -49,11 +54,28 @@ class EmbeddingCache:
         return self.root / key / sha256[:2] / f"{sha256}.npy"
 
     def has(self, key: str, sha256: str) -> bool:
-        return self.path(key, sha256).exists()
+        if self.path(key, sha256).exists():
+            return True
+        return self.remote is not None and self._remote_key(key, sha256) in self._listed(key)
 
     def get(self, key: str, sha256: str) -> np.ndarray:
-        return np.load(self.path(key, sha256), allow_pickle=False)
+        path = self.path(key, sha256)
+        if not path.exists() and self.remote is not None:
+            self.remote.download(self._remote_key(key, sha256), path)
+        return np.load(path, allow_pickle=False)
 
     def put(self, key: str, sha256: str, embedding: np.ndarray) -> None:
         """Atomic write (temp file + os.replace): a reader never sees half an embedding."""
-        save_npy_atomically(self.path(key, sha256), np.asarray(embedding, dtype=np.float32))
+        path = self.path(key, sha256)
+        save_npy_atomically(path, np.asarray(embedding, dtype=np.float32))
+        if self.remote is not None:
+            self.remote.put_file(self._remote_key(key, sha256), path)
+            self._listed(key).add(self._remote_key(key, sha256))
+
+    def _remote_key(self, key: str, sha256: str) -> str:
+        return self.path(key, sha256).relative_to(self.root).as_posix()
+
+    def _listed(self, key: str) -> set[str]:
+        if key not in self._remote_names:
+            self._remote_names[key] = set(self.remote.list_keys(f"{key}/"))
+        return self._remote_names[key]

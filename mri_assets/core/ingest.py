@@ -341,6 +341,7 @@ def ingest_new_objects(
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     memory: MemoryBudget | None = None,
+    keys: list[str] | None = None,
 ) -> IngestBatch:
     """List one split, examine every new or rewritten object, and return the batch to record.
 
@@ -349,11 +350,19 @@ def ingest_new_objects(
     ``removed``. The pixels of every accepted object are in ``cache`` (its packs flushed) when
     this returns, so recording the batch afterwards is safe. ``on_progress(done, total)`` is
     called from this thread as objects finish.
+
+    ``keys``: only these keys changed (change notifications said so): they alone are looked up,
+    instead of listing the split, and those gone are removed. ``recorded_digest`` is then empty:
+    a digest of part of the zone would say nothing about the whole.
     """
     started = time.perf_counter()
-    listed = list(landing.list_objects(split))
+    if keys is not None:
+        wanted = sorted({key for key in keys if key.split("/", 1)[0] == split})
+        listed = landing.stat_objects(wanted)
+    else:
+        listed = list(landing.list_objects(split))
     settled = settled_listing(listed)
-    if not settled and ledger:
+    if keys is None and not settled and ledger:
         raise EmptyListingRefused(
             f"{landing.location}/{split}/ lists no files, but {len(ledger)} were ingested from it. "
             "Nothing was removed: check that the volume is mounted and MRI_LANDING is right."
@@ -361,7 +370,8 @@ def ingest_new_objects(
     batch = IngestBatch(split=split, listed=len(listed))
     batch.skipped_in_progress = len(listed) - len(settled)
     listed_keys = {obj.key for obj in settled}
-    batch.removed = sorted(key for key in ledger if key not in listed_keys)
+    looked_at = ledger if keys is None else [k for k in wanted if k in ledger]
+    batch.removed = sorted(key for key in looked_at if key not in listed_keys)
     candidates = new_or_changed(settled, ledger)
     outcomes = _examine_all(
         candidates,
@@ -386,7 +396,8 @@ def ingest_new_objects(
         else:
             batch.not_tried += 1
             unrecorded.add(obj.key)
-    batch.recorded_digest = listing_digest([o for o in settled if o.key not in unrecorded])
+    if keys is None:
+        batch.recorded_digest = listing_digest([o for o in settled if o.key not in unrecorded])
     batch.seconds = time.perf_counter() - started
     return batch
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Protocol
 
 from mri_assets.core.files import replaced_atomically
@@ -52,6 +54,8 @@ class Landing(Protocol):
     location: str
 
     def list_objects(self, split: str) -> Iterator[LandedObject]: ...
+
+    def stat_objects(self, keys: list[str]) -> list[LandedObject]: ...
 
     def read(self, key: str) -> bytes: ...
 
@@ -114,6 +118,25 @@ class LocalLanding:
                             "not_a_file",
                             "a FIFO, socket or device, not a regular file",
                         )
+
+    def stat_objects(self, keys: list[str]) -> list[LandedObject]:
+        """The objects at ``keys`` (relative to the root) that exist, exactly as list_objects
+        would give them; a key that is not a plain file is looked up in its split's listing."""
+        found, unusual = [], set()
+        for key in keys:
+            if ".." in key.split("/"):
+                continue  # never a key of this zone
+            try:
+                stat = os.lstat(os.path.join(self.root, key))
+            except FileNotFoundError:
+                continue
+            if S_ISREG(stat.st_mode) and _is_utf8(key):
+                found.append(_local_object(key, stat))
+            else:  # links, FIFOs, odd names: the listing's rules decide, for these few
+                unusual.add(key)
+        for split in sorted({key.split("/", 1)[0] for key in unusual}):
+            found += [obj for obj in self.list_objects(split) if obj.key in unusual]
+        return found
 
     @staticmethod
     def _follow_link(entry: os.DirEntry, key: str, real_root: str, followed: set[str]):
@@ -224,21 +247,39 @@ class S3Landing:
         )
         for page in pages:
             for item in page.get("Contents", []):
-                key = item["Key"][len(self.prefix) :]
-                etag = item.get("ETag", "").strip('"')
-                fingerprint = f"{item['Size']}:{etag}:{item['LastModified'].timestamp()}"
-                if key.endswith("/"):
-                    if not item["Size"]:
-                        continue  # a folder placeholder made by consoles: a folder, not a scan
-                    yield LandedObject(
-                        key,
-                        int(item["Size"]),
-                        fingerprint,
-                        "not_a_file",
-                        "an object whose key ends in '/' holds data; give it a file name",
-                    )
-                    continue
-                yield LandedObject(key, int(item["Size"]), fingerprint)
+                obj = self._landed(item)
+                if obj is not None:
+                    yield obj
+
+    def stat_objects(self, keys: list[str], workers: int = 8) -> list[LandedObject]:
+        """The objects at ``keys`` that exist, each from a one-key listing (not HEAD), so its
+        fingerprint is exactly the one a full listing gives."""
+
+        def one(key: str) -> LandedObject | None:
+            full = f"{self.prefix}{key}"
+            reply = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
+            items = [i for i in reply.get("Contents", []) if i["Key"] == full]
+            return self._landed(items[0]) if items else None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(keys)))) as pool:
+            return [obj for obj in pool.map(one, keys) if obj is not None]
+
+    def _landed(self, item: dict) -> LandedObject | None:
+        """A listing entry as a LandedObject; None for a console's folder placeholder."""
+        key = item["Key"][len(self.prefix) :]
+        etag = item.get("ETag", "").strip('"')
+        fingerprint = f"{item['Size']}:{etag}:{item['LastModified'].timestamp()}"
+        if key.endswith("/"):
+            if not item["Size"]:
+                return None  # a folder placeholder made by consoles: a folder, not a scan
+            return LandedObject(
+                key,
+                int(item["Size"]),
+                fingerprint,
+                "not_a_file",
+                "an object whose key ends in '/' holds data; give it a file name",
+            )
+        return LandedObject(key, int(item["Size"]), fingerprint)
 
     def read(self, key: str) -> bytes:
         response = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}{key}")

@@ -15,6 +15,12 @@ loss. Pack names are uuids, so any number of processes can add packs without coo
 A writer holds a lock on its pack's data file until the index is in place, so the next
 ``writer()`` (in any process) removes the data and temp files of writers that were killed, and
 never those of a writer still at work (see core/files.py).
+
+With a ``remote`` (MRI_STORE=s3://...) every pack is also an object, written once under its
+uuid: the data first, then the index, which is again the commit point; both are in the bucket
+before the local index is, so rows recorded afterwards never point at pixels only one machine
+holds. Another machine reads the remote indexes it has not seen and downloads a pack the first
+time one of its images is read.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from mri_assets.core.files import (
     replaced_atomically,
     sweep_temp_files,
 )
+from mri_assets.core.object_store import ObjectStoreError, S3Objects
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,10 @@ class PackEntry:
 class PixelCache:
     """The (H, W, 3) uint8 RGB pixels of each sha256, in packs (see the module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, remote: S3Objects | None = None) -> None:
         self.root = Path(root)
         self.packs = self.root / "packs"
+        self.remote = remote  # the bucket's pixels/ folder; root is then its cache
         self._entries: dict[str, PackEntry] = {}
         self._indexes_read: set[str] = set()
         self._lock = threading.Lock()
@@ -170,6 +178,7 @@ class PixelCache:
                     "the landed file that holds it, so the next ingest decodes it again"
                 )
         for data, entries in by_pack.items():
+            self._fetch_pack(data)
             try:
                 handle = open(data, "rb")  # noqa: SIM115 - closed below; the error needs the name
             except FileNotFoundError as error:
@@ -189,8 +198,22 @@ class PixelCache:
             entry = self._entries.get(sha256)
         return entry
 
+    def _fetch_pack(self, data: Path) -> None:
+        """Download a pack known from a remote index the first time it is read here."""
+        if self.remote is None or data.exists():
+            return
+        try:
+            self.remote.download(f"packs/{data.name}", data)
+        except ObjectStoreError as error:
+            raise PixelCacheError(f"could not fetch pixel-cache pack {data.name}: {error}") from (
+                error
+            )
+
     def refresh(self) -> None:
-        """Read every pack index not read yet (cheap when there is none)."""
+        """Read every pack index not read yet (cheap when there is none); with a remote, the
+        bucket's indexes not read yet are downloaded first."""
+        if self.remote is not None:
+            self._refresh_remote()
         with self._lock:
             try:
                 names = [e.name for e in os.scandir(self.packs) if e.name.endswith(".idx")]
@@ -204,6 +227,18 @@ class PixelCache:
                 if name not in self._indexes_read:
                     self._entries.update(self._read_index(self.packs / name))
                     self._indexes_read.add(name)
+
+    def _refresh_remote(self) -> None:
+        try:
+            keys = self.remote.list_keys("packs/")
+            for key in keys:
+                name = key.rsplit("/", 1)[-1]
+                if name.endswith(".idx") and name not in self._indexes_read:
+                    target = self.packs / name
+                    if not target.exists():
+                        self.remote.download(key, target)
+        except ObjectStoreError as error:
+            raise CacheUnreadable(f"cannot read the remote pixel cache: {error}") from error
 
     def _read_index(self, path: Path) -> dict[str, PackEntry]:
         """The entries of one index; a corrupt one is skipped with a warning (its images are
@@ -321,7 +356,12 @@ class PackWriter:
                 # with it.
                 with replaced_atomically(packs / f"{name}.idx", "w") as handle:
                     index = {"format": PACK_FORMAT, "data": data.name, "entries": rows}
-                    handle.write(json.dumps(index))
+                    text = json.dumps(index)
+                    remote = self.cache.remote
+                    if remote is not None:  # in the bucket before it is committed here
+                        remote.put_file(f"packs/{data.name}", data, if_absent=True)
+                        remote.put_bytes(f"packs/{name}.idx", text.encode(), if_absent=True)
+                    handle.write(text)
         except Exception as error:  # any failure (disk, memory) loses every image of this pack
             _discard(data)
             raise PackWriteFailed(

@@ -3,17 +3,26 @@
 Healing: a landing sensor asks for a run until the catalogue confirms it recorded the listing
 (the asset's ``listing_digest``), not merely until it asked once. A failed or killed run is asked
 for again with backoff, up to MAX_ATTEMPTS times for one listing; a new listing starts afresh.
+
+With MRI_LANDING_QUEUE set, a sensor reads S3's change notifications instead of listing: the
+changed keys wait in its cursor until a run that looked at exactly those keys is recorded (the
+run echoes the digest of what it was asked for as its ``listing_digest``, so the same healing
+applies), and every MRI_LANDING_FULL_LISTING_SECONDS a full-listing run reconciles whatever a
+lost notification missed. A message is deleted on the tick after the one that read it: only
+then is the cursor that accounts for it committed.
 """
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import dagster as dg
+from pydantic import Field
 
 from mri_assets.core import catalog
 from mri_assets.core.ingest import EmptyListingRefused, ingest_new_objects, settled_listing
 from mri_assets.core.landing import SPLITS, listing_digest
+from mri_assets.core.landing_events import LandingChange, changes_digest
 from mri_assets.defs.conventions import CODE_VERSION, INGEST_STEP_TAGS, OWNERS, TAGS
 from mri_assets.resources import (
     LandingZoneResource,
@@ -46,6 +55,25 @@ ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.CANCELING,
 ]
 ATTEMPT_TAG = "mri/attempt"
+# Notified changes one run is asked to look at, at most: beyond that a full listing is cheaper
+# than one lookup per key, and the run config and the cursor stay small.
+MAX_NOTIFIED_KEYS = 5000
+FULL_LISTING_PREFIX = "full:"
+
+
+class IngestRequest(dg.Config):
+    """What a landing sensor asks an ingest run to look at (empty: list the whole split)."""
+
+    changed_keys: list[str] = Field(
+        default=[],
+        description="Only these keys changed (from S3 notifications): look at them alone "
+        "instead of listing the split. Empty: list the whole split.",
+    )
+    request_digest: str = Field(
+        default="",
+        description="Digest of the request, recorded as the run's listing_digest once "
+        "everything it covers is recorded (set by the landing sensor).",
+    )
 
 
 def raw_images_key(split: str) -> dg.AssetKey:
@@ -74,6 +102,7 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
     )
     def raw_images(
         context: dg.AssetExecutionContext,
+        config: IngestRequest,
         settings: MriSettingsResource,
         landing: LandingZoneResource,
         warehouse: WarehouseResource,
@@ -97,6 +126,7 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
                 pixels.open(),
                 resolved.max_image_pixels,
                 on_progress=_progress_logger(context, split),
+                keys=config.changed_keys or None,
             )
         except EmptyListingRefused as refusal:
             raise dg.Failure(str(refusal), allow_retries=False) from refusal
@@ -104,8 +134,18 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
             batch.record(conn)
             totals = catalog.landing_totals(conn, split)
         _log_batch(context, batch, split)
+        complete = not (batch.failed or batch.not_tried)
+        if config.request_digest and complete:
+            batch.recorded_digest = config.request_digest  # the sensor's proof, see module doc
         yield dg.MaterializeResult(
-            metadata=_batch_metadata(batch, zone.location, totals),
+            metadata={
+                **_batch_metadata(batch, zone.location, totals),
+                "looked_at": (
+                    f"{len(config.changed_keys)} notified keys"
+                    if config.changed_keys
+                    else "full listing"
+                ),
+            },
             data_version=dg.DataVersion(totals["version"] or "empty"),
         )
         if batch.failed or batch.not_tried:
@@ -181,6 +221,12 @@ class LandingCursor:
     requested: str = ""  # digest the latest run was asked for
     attempts: int = 0  # runs asked for `requested`
     requested_at: float = 0.0
+    # With notifications (MRI_LANDING_QUEUE) only:
+    pending: dict = field(default_factory=dict)  # notified key -> token, not yet recorded
+    covered: dict = field(default_factory=dict)  # the pending changes `requested` covers
+    acknowledged: list = field(default_factory=list)  # receipts to delete on the next tick
+    full_listing: str = ""  # digest of a due reconciling full listing, until it is recorded
+    listed_at: float = 0.0  # when the latest reconciling full listing was asked for
 
     @classmethod
     def parse(cls, raw: str | None) -> "LandingCursor":
@@ -244,6 +290,43 @@ def _requested(cursor: LandingCursor, digest: str, attempt: int, now: float) -> 
     return replace(cursor, requested=digest, attempts=attempt, requested_at=now)
 
 
+def forget_recorded(cursor: LandingCursor, recorded: str | None) -> LandingCursor:
+    """Drop the notified changes the catalogue has recorded: those the latest request covered,
+    unless notified again since (another token). A recorded full listing covers them all."""
+    full = bool(cursor.full_listing) and cursor.requested == cursor.full_listing
+    if not cursor.requested or recorded != cursor.requested or not (cursor.covered or full):
+        return cursor
+    pending = {k: t for k, t in cursor.pending.items() if cursor.covered.get(k) != t}
+    if full:
+        return replace(cursor, pending=pending, covered={}, full_listing="")
+    return replace(cursor, pending=pending, covered={})
+
+
+def notified_request(
+    cursor: LandingCursor,
+    changes: list[LandingChange],
+    now: float,
+    full_listing_seconds: float,
+    max_keys: int = MAX_NOTIFIED_KEYS,
+) -> tuple[LandingCursor, str | None]:
+    """Add ``changes`` to the pending ones; return the cursor and the digest of what to ask a
+    run for: a full listing when one is due (first tick, every ``full_listing_seconds``, or
+    more than ``max_keys`` pending), else the pending changes, else None (nothing new)."""
+    pending = {**cursor.pending, **{c.key: c.token for c in changes}}
+    full = cursor.full_listing
+    if not full and now - cursor.listed_at >= full_listing_seconds:
+        full = f"{FULL_LISTING_PREFIX}{now:.3f}"
+        cursor = replace(cursor, listed_at=now)
+    full_asked_for = bool(full) and cursor.requested == full
+    if len(pending) > max_keys and not full_asked_for:
+        # A full listing asked for after this moment sees every one of them.
+        pending, full = {}, full or f"{FULL_LISTING_PREFIX}{now:.3f}"
+    cursor = replace(cursor, pending=pending, full_listing=full)
+    if full:
+        return cursor, full
+    return cursor, changes_digest(pending) if pending else None
+
+
 def recorded_listing(instance: dg.DagsterInstance, split: str) -> str | None:
     """The listing digest of the latest materialization of ``raw_<split>_images``, if any."""
     event = instance.get_latest_materialization_event(raw_images_key(split))
@@ -278,6 +361,9 @@ def build_landing_sensor(split: str) -> dg.SensorDefinition:
         ),
     )
     def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
+        queue = landing.queue()
+        if queue is not None:
+            return _notified_tick(context, landing, queue, split, name)
         listing = settled_listing(landing.open().list_objects(split))
         digest = listing_digest(listing)
         recorded = recorded_listing(context.instance, split)
@@ -294,7 +380,7 @@ def build_landing_sensor(split: str) -> dg.SensorDefinition:
         if not decision.request:
             return dg.SkipReason(f"{len(listing)} objects; {decision.reason}")
         return dg.RunRequest(
-            run_key=f"{split}-{digest[:20]}-{cursor.attempts}",
+            run_key=_run_key(split, digest, cursor.attempts),
             tags={
                 "mri/landing_objects": str(len(listing)),
                 "mri/split": split,
@@ -306,6 +392,59 @@ def build_landing_sensor(split: str) -> dg.SensorDefinition:
         )
 
     return landing_sensor
+
+
+def _run_key(split: str, digest: str, attempt: int) -> str:
+    return f"{split}-{digest.rsplit(':', 1)[-1][:20]}-{attempt}"
+
+
+def _notified_tick(context, landing: LandingZoneResource, queue, split: str, name: str):
+    """One tick driven by notifications: costs in proportion to what is new, never a listing
+    (except the periodic reconciling run, which lists in the run, not in the tick)."""
+    cursor = LandingCursor.parse(context.cursor)
+    if cursor.acknowledged:  # this tick started from the cursor that accounts for them
+        queue.delete(cursor.acknowledged)
+    received = queue.receive()
+    ours = [m for m in received if any(c.split == split for c in m.changes)]
+    theirs = [m for m in received if m.changes and m not in ours]
+    queue.release(m.receipt for m in theirs)  # the other split's sensor reads them
+    changes = [c for m in ours for c in m.changes if c.split == split]
+    recorded = recorded_listing(context.instance, split)
+    cursor = forget_recorded(cursor, recorded)
+    cursor, digest = notified_request(
+        cursor, changes, time.time(), landing.settings.resolve().full_listing_seconds
+    )
+    # Messages naming nothing in the landing zone (S3's test event) are acknowledged too.
+    cursor = replace(cursor, acknowledged=[m.receipt for m in received if m not in theirs])
+    if digest is None:
+        context.update_cursor(cursor.dump())
+        return dg.SkipReason(f"no change notified ({len(received)} messages read)")
+    cursor, decision = evaluate_landing(
+        cursor, digest, recorded, has_active_run(context.instance, name), time.time()
+    )
+    if decision.request:
+        cursor = replace(cursor, covered=dict(cursor.pending))
+    context.update_cursor(cursor.dump())
+    full = digest.startswith(FULL_LISTING_PREFIX)
+    what = "a full listing" if full else f"{len(cursor.pending)} notified changes"
+    if not decision.request:
+        return dg.SkipReason(f"{what}; {decision.reason}")
+    return dg.RunRequest(
+        run_key=_run_key(split, digest, cursor.attempts),
+        run_config=dg.RunConfig(
+            ops={
+                raw_images_key(split).to_python_identifier(): IngestRequest(
+                    changed_keys=[] if full else sorted(cursor.pending), request_digest=digest
+                )
+            }
+        ),
+        tags={
+            "mri/landing_changes": "full listing" if full else str(len(cursor.pending)),
+            "mri/split": split,
+            ATTEMPT_TAG: f"{cursor.attempts}/{MAX_ATTEMPTS}",
+            "dagster/max_retries": "0",
+        },
+    )
 
 
 raw_image_assets = [build_raw_images_asset(split) for split in SPLITS]
