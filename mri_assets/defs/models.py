@@ -375,6 +375,7 @@ def fine_tuned_model(
     warehouse: WarehouseResource,
     pixels: PixelCacheResource,
 ) -> dg.MaterializeResult:
+    from mri_assets.core.serving import fit_statistics
     from mri_assets.core.train import fine_tune, training_record
 
     resolved = settings.resolve()
@@ -398,6 +399,15 @@ def fine_tuned_model(
         log=context.log.info,
         device=resolved.device,
     )
+    statistics = fit_statistics(
+        result.model,
+        result.preprocessing,
+        pixels.open().get_many(list(train_set.sha256s)),
+        labels,
+        result.train_indices,
+        result.validation_indices,
+        device=resolved.device,
+    )
     record = training_record(
         result,
         train_set.sha256s,
@@ -408,8 +418,11 @@ def fine_tuned_model(
         train_set_version=train_set.version,
         positive_class=resolved.classes.positive,
         dagster_run_id=context.run.run_id,
+        **statistics.to_record(),
     )
-    version = model_store.open().save_version(result.model, result.preprocessing, record)
+    version = model_store.open().save_version(
+        result.model, result.preprocessing, record, arrays=statistics.to_arrays()
+    )
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
     return dg.MaterializeResult(
         metadata={
@@ -421,12 +434,29 @@ def fine_tuned_model(
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.epochs),
             "validation_auc": best.val_auc,
+            **statistics_metadata(statistics),
             "training_seconds": round(time.perf_counter() - started, 1),
             "epochs": dg.MetadataValue.md(epochs_markdown(result.epochs)),
             "training_curve": dg.MetadataValue.md(training_curve_markdown(result.epochs)),
         },
         data_version=dg.DataVersion(version),
     )
+
+
+def statistics_metadata(statistics) -> dict:
+    """The temperature and OOD threshold fitted with the version, or why there are none."""
+    temperature = statistics.temperature
+    ood = statistics.ood
+    return {
+        "temperature": round(temperature.value, 4),
+        "temperature_note": temperature.reason
+        or f"fitted on {temperature.fitted_on} validation "
+        f"images: NLL {temperature.nll_before:.4f} -> {temperature.nll_after:.4f}",
+        "ood_threshold": None if ood is None else round(ood.threshold, 3),
+        "ood_note": statistics.ood_unavailable
+        or f"Mahalanobis distance, {ood.percentile:g}th percentile of {ood.fitted_on} "
+        "train and validation images",
+    }
 
 
 def epochs_markdown(epochs: Sequence[EpochMetrics]) -> str:
