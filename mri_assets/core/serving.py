@@ -82,12 +82,20 @@ def fit_statistics(
 ) -> ModelStatistics:
     """Temperature on the validation images, OOD detector on the train and validation images,
     from one forward pass over all of them with the trained model."""
-    from mri_assets.core.inference import logits_and_features
+    from mri_assets.core.inference import logits_and_features, predict_probabilities
 
-    logits, features = logits_and_features(model, preprocessing, list(pixels), device=device)
     targets = np.asarray(labels, dtype=np.int64)
     train = np.asarray(train_indices, dtype=np.int64)
     validation = np.asarray(validation_indices, dtype=np.int64)
+    try:
+        logits, features = logits_and_features(model, preprocessing, list(pixels), device=device)
+    except ValueError as error:  # no pooled features or no `classifier` head: no OOD score
+        # log p differs from the logits by one constant per row, which softmax ignores.
+        probabilities = predict_probabilities(model, preprocessing, list(pixels), device=device)
+        logits = np.log(np.clip(probabilities, 1e-30, None))
+        return ModelStatistics(
+            fit_temperature(logits[validation], targets[validation]), None, str(error)
+        )
     temperature = fit_temperature(logits[validation], targets[validation])
     seen = np.concatenate([train, validation])
     counts = np.bincount(targets[seen], minlength=2)

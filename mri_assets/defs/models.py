@@ -240,8 +240,11 @@ class TestBench:
         with self.warehouse.connection() as conn:
             return find_evaluation(conn, version, self.test_set, self.classes)
 
-    def evaluated(self, version: str, role: str, model, preprocessing) -> Evaluation:
-        """The recorded evaluation of ``version``, else this model's, computed and recorded."""
+    def evaluated(
+        self, version: str, role: str, model, preprocessing, temperature: float = 1.0
+    ) -> Evaluation:
+        """The recorded evaluation of ``version``, else this model's (probabilities calibrated
+        by ``temperature``), computed and recorded."""
         found = self.recorded(version)
         if found is not None:
             return found
@@ -253,17 +256,24 @@ class TestBench:
             self.classes,
             version,
             device=self.device,
+            temperature=temperature,
         )
         with self.warehouse.connection() as conn:
             record_evaluation(conn, result, role)
         return result
 
     def stored_evaluated(self, store: ModelStore, version: str, role: str) -> Evaluation:
-        """As ``evaluated``, for a stored version: loaded only when not evaluated yet."""
+        """As ``evaluated``, for a stored version: loaded only when not evaluated yet, and scored
+        as it is served (its own temperature; T = 1 for a version stored before calibration)."""
+        from mri_assets.core.serving import ServedModel
+
         found = self.recorded(version)
         if found is not None:
             return found
-        return self.evaluated(version, role, *store.load_version(version))
+        served = ServedModel.load(store, version)
+        return self.evaluated(
+            version, role, served.model, served.preprocessing, temperature=served.temperature
+        )
 
 
 def evaluation_metadata(evaluation: Evaluation, classes: ClassSpec, title: str) -> dict:

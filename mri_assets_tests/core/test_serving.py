@@ -195,3 +195,26 @@ def test_too_few_images_per_class_leave_ood_unavailable_with_a_reason(trained) -
     again = ModelStatistics.from_stored("v", statistics.to_record(), {})
     assert again.ood is None and again.ood_unavailable == statistics.ood_unavailable
     assert torch.is_grad_enabled()
+
+
+def test_a_model_without_pooled_features_is_calibrated_but_has_no_ood_score(trained, monkeypatch):
+    import mri_assets.core.inference as inference
+
+    result, with_features = trained
+    labels, pixels = phantom_slices(100, seed=0)  # the training images, as fine_tuned_model does
+
+    def no_pooler(model, batch):
+        raise ValueError("ViTLike has no pooled backbone output")
+
+    monkeypatch.setattr(inference, "pooled_features", no_pooler)
+    statistics = fit_statistics(
+        result.model,
+        result.preprocessing,
+        pixels,
+        labels,
+        result.train_indices,
+        result.validation_indices,
+    )
+
+    assert statistics.ood is None and "no pooled backbone output" in statistics.ood_unavailable
+    assert statistics.temperature.value == pytest.approx(with_features.temperature.value, rel=1e-3)
