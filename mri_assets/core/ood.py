@@ -40,11 +40,16 @@ class OodDetector:
         features = np.asarray(features, dtype=np.float64)
         if features.size == 0:
             return np.zeros(0, dtype=np.float64)
-        squared = []
-        for mean in self.class_means.astype(np.float64):
-            centred = features - mean
-            squared.append(np.einsum("nd,dk,nk->n", centred, self.precision, centred))
-        return np.sqrt(np.maximum(np.min(squared, axis=0), 0.0))
+        # The covariance is shared, so (x - m)' P (x - m) = x'Px - 2 m'Px + m'Pm: one (N, D) x
+        # (D, D) product for all classes instead of one per class.
+        projected = features @ self.precision
+        means = self.class_means.astype(np.float64)
+        squared = (
+            np.sum(projected * features, axis=1)[:, None]
+            - 2.0 * projected @ means.T
+            + np.sum((means @ self.precision) * means, axis=1)[None, :]
+        )
+        return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
