@@ -98,9 +98,12 @@ def open_store(settings: Settings):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Classify files with the deployed model; reads only the model store, never DuckDB."""
+    """Classify files with the deployed model; reads only the model store, never DuckDB.
+
+    Probabilities are calibrated (the version's temperature); each answer carries the
+    out-of-distribution score and flag, or says why the version has none."""
     from mri_assets.core.images import ImageRejected, decode_image
-    from mri_assets.core.inference import predict_probabilities
+    from mri_assets.core.serving import ServedModel
 
     settings = Settings.from_env()
     store = open_store(settings)
@@ -112,8 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model, preprocessing = store.load_version(deployed["version"])
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    served = ServedModel.load(store, deployed["version"])
     decoded: dict[str, object] = {}
     for path in args.files:
         try:
@@ -121,28 +123,85 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except (OSError, ImageRejected) as error:
             decoded[path] = error
     readable = [path for path in args.files if not isinstance(decoded[path], Exception)]
-    probabilities = dict(
-        zip(
-            readable,
-            predict_probabilities(
-                model, preprocessing, [decoded[p] for p in readable], device=settings.device
-            ),
-            strict=True,
-        )
-    )
+    scores = served.score([decoded[p] for p in readable], device=settings.device)
+    answers = {path: prediction_answer(served, scores, row) for row, path in enumerate(readable)}
+    explained = explain_to(args.explain, served, readable, decoded, answers)
+    note_missing_statistics(served)
     for path in args.files:  # answers come in the order the files were given
-        if path not in probabilities:
+        if path not in answers:
             report_failure(path, decoded[path], args.json)
             continue
-        scores = {
-            name: round(float(p), 4) for name, p in zip(names, probabilities[path], strict=True)
-        }
-        label = max(scores, key=scores.get)
+        answer = {**answers[path], **({"saliency": explained[path]} if path in explained else {})}
         if args.json:
-            print(json.dumps({"path": path, "label": label, "scores": scores}))
+            print(json.dumps({"path": path, **answer}))
         else:
-            print(f"{path}\t{label}\t" + "\t".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            print(f"{path}\t{answer['label']}\t" + "\t".join(text_cells(answer)))
     return 1 if len(readable) < len(args.files) else 0
+
+
+def prediction_answer(served, scores, row: int) -> dict:
+    """What predict says about one image: label, calibrated scores, OOD score and flag."""
+    probabilities = {
+        name: round(float(p), 4)
+        for name, p in zip(served.class_names, scores.probabilities[row], strict=True)
+    }
+    answer = {
+        "label": max(probabilities, key=probabilities.get),
+        "scores": probabilities,
+        "model_version": served.version,
+    }
+    if scores.ood_scores is None:
+        answer.update(ood_score=None, ood_flag=None)
+    else:
+        answer.update(
+            ood_score=round(float(scores.ood_scores[row]), 3),
+            ood_flag=bool(scores.ood_flags[row]),
+            ood_threshold=round(served.statistics.ood.threshold, 3),
+        )
+    return answer
+
+
+def text_cells(answer: dict) -> list[str]:
+    cells = [f"{name}={p:.4f}" for name, p in answer["scores"].items()]
+    if answer["ood_score"] is None:
+        cells.append("ood=n/a")
+    else:
+        verdict = "OUT-OF-DISTRIBUTION" if answer["ood_flag"] else "in-distribution"
+        cells.append(f"ood={answer['ood_score']:.2f}/{answer['ood_threshold']:.2f} {verdict}")
+    if "saliency" in answer:
+        cells.append(f"saliency={answer['saliency']}")
+    return cells
+
+
+def note_missing_statistics(served) -> None:
+    """Say once, on stderr, when the deployed version serves without calibration or OOD."""
+    statistics = served.statistics
+    if statistics.temperature.reason:
+        print(
+            f"note: probabilities not calibrated: {statistics.temperature.reason}", file=sys.stderr
+        )
+    if statistics.ood is None:
+        print(f"note: no out-of-distribution score: {statistics.ood_unavailable}", file=sys.stderr)
+
+
+def explain_to(out_dir, served, readable, decoded, answers) -> dict[str, str]:
+    """With --explain: a Grad-CAM overlay per readable file in ``out_dir``; path -> PNG path."""
+    from mri_assets.core.saliency import grad_cam, overlay_png
+
+    if not out_dir or not readable:
+        return {}
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [decoded[path] for path in readable]
+    predicted = [served.class_names.index(answers[path]["label"]) for path in readable]
+    maps = grad_cam(served.model, served.preprocessing, images, predicted)
+    written = {}
+    for number, (path, image, saliency) in enumerate(zip(readable, images, maps, strict=True)):
+        # Numbered, so two inputs with one file name (a/x.png, b/x.png) do not collide.
+        target = folder / f"{number + 1:04d}-{Path(path).stem}.gradcam.png"
+        target.write_bytes(overlay_png(image, saliency))
+        written[path] = str(target)
+    return written
 
 
 def report_failure(path: str, error: Exception, as_json: bool) -> None:
@@ -248,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify image files with the deployed model")
     predict.add_argument("files", nargs="+", metavar="FILE")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="write a Grad-CAM overlay (what the prediction looked at) per file into OUT_DIR",
+    )
     predict.set_defaults(run=cmd_predict)
 
     status = commands.add_parser("status", help="the deployed model, its metrics and history")

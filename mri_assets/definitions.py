@@ -7,6 +7,7 @@ from mri_assets.defs.alerts import alert_sensors
 from mri_assets.defs.deployment import deployment_assets, deployment_checks
 from mri_assets.defs.ingest import landing_sensors, raw_image_assets
 from mri_assets.defs.models import model_assets
+from mri_assets.defs.predictions import prediction_assets
 from mri_assets.defs.tables import table_assets, table_checks
 from mri_assets.resources import (
     LandingZoneResource,
@@ -44,7 +45,13 @@ def build_resources(
 
 
 defs = dg.Definitions(
-    assets=[*raw_image_assets, *table_assets, *model_assets, *deployment_assets],
+    assets=[
+        *raw_image_assets,
+        *table_assets,
+        *model_assets,
+        *deployment_assets,
+        *prediction_assets,
+    ],
     asset_checks=[*table_checks, *deployment_checks],
     sensors=[*landing_sensors, automation_sensor, *alert_sensors],
     resources=build_resources(),

@@ -32,6 +32,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _share(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be a share between 0 and 1")
+    return value
+
+
 def _http_url(raw: str) -> str:
     if not raw.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
@@ -140,6 +147,13 @@ SETTINGS: tuple[Setting, ...] = (
         parse=float,
     ),
     Setting(
+        "MRI_OOD_DRIFT_SHARE",
+        "Share of new inbox scans flagged out-of-distribution above which the `predictions` "
+        "asset's drift check warns.",
+        default="0.2",
+        parse=_share,
+    ),
+    Setting(
         "MRI_MAX_IMAGE_PIXELS",
         "Decompression-bomb guard: larger images are rejected as `too_large`.",
         default="50000000",
@@ -205,6 +219,7 @@ class Settings:
     device: str
     classes: ClassSpec
     promotion_margin: float
+    ood_drift_share: float
     max_image_pixels: int
     slack_channel: str
     dagster_url: str
@@ -229,6 +244,7 @@ class Settings:
             device=value["MRI_DEVICE"],
             classes=ClassSpec.parse(value["MRI_CLASSES"], value["MRI_POSITIVE_CLASS"]),
             promotion_margin=value["MRI_PROMOTION_MARGIN"],
+            ood_drift_share=value["MRI_OOD_DRIFT_SHARE"],
             max_image_pixels=value["MRI_MAX_IMAGE_PIXELS"],
             slack_channel=value["MRI_SLACK_CHANNEL"],
             dagster_url=value["MRI_DAGSTER_URL"],
@@ -257,3 +273,8 @@ class Settings:
         if not self.store:
             return None
         return S3Objects(default_s3_client(), self.store).child(folder)
+
+    @property
+    def saliency_dir(self) -> Path:
+        """Grad-CAM overlays the predictions asset writes, per model version."""
+        return self.home / "saliency"

@@ -3,9 +3,12 @@
 import json
 
 import boto3
+import numpy as np
 import pytest
+from PIL import Image
 
 from mri_assets.cli import main
+from mri_assets.core.images import decode_image
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.landing import S3Landing
 from mri_assets.core.model import load_base_model
@@ -128,3 +131,68 @@ def test_status_and_rollback(store_with_two_versions, mri_env, capsys):
     with duckdb.connect(str(mri_env / "mri.duckdb"), read_only=True) as conn:
         actions = conn.execute("SELECT action FROM deployments ORDER BY seq").fetchall()
     assert [a for (a,) in actions] == ["promote", "promote", "rollback"]
+
+
+@pytest.fixture
+def deployed_with_statistics(mri_env, tmp_path):
+    """The embedded model deployed with statistics fitted on 20 generated 64 px slices."""
+    from mri_assets.core.serving import fit_statistics
+
+    main(
+        ["make-dataset", str(tmp_path / "ds"), "--glioma", "10", "--meningioma", "10"]
+        + ["--size", "64", "--test-fraction", "0.0", "--quiet"]
+    )
+    files = sorted(p for p in (tmp_path / "ds").rglob("*") if p.is_file())
+    labels = [0 if "glioma" in str(p).lower() else 1 for p in files]
+    pixels = [decode_image(p.read_bytes()).pixels for p in files]
+    store = ModelStore(mri_env / "models")
+    base = load_base_model("embedded", ClassSpec(), store.base_root)
+    preprocessing = base.preprocessing.with_size(64)
+    statistics = fit_statistics(base.model, preprocessing, pixels, labels, range(12), range(12, 20))
+    version = store.save_version(
+        base.model, preprocessing, statistics.to_record(), arrays=statistics.to_arrays()
+    )
+    store.promote(version, 0.9, "s1", "first")
+    return version, files, statistics
+
+
+def test_predict_reports_ood_score_and_flag_and_explains(
+    deployed_with_statistics, tmp_path, capsys
+):
+    version, files, statistics = deployed_with_statistics
+    inverted = tmp_path / "inverted.png"
+    Image.fromarray(255 - np.asarray(Image.open(files[0]).convert("L"))).save(inverted)
+    capsys.readouterr()
+
+    code = main(
+        ["predict", "--json", "--explain", str(tmp_path / "why"), str(files[0]), str(inverted)]
+    )
+
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for line in lines:
+        assert line["model_version"] == version
+        assert line["ood_threshold"] == pytest.approx(statistics.ood.threshold, abs=1e-3)
+        assert line["ood_flag"] == (line["ood_score"] > line["ood_threshold"])
+        overlay = Image.open(line["saliency"])
+        assert overlay.format == "PNG" and overlay.size == (64, 64)
+    assert lines[1]["ood_score"] > lines[0]["ood_score"]
+    assert sorted(p.name for p in (tmp_path / "why").iterdir()) == [
+        "0001-" + files[0].stem + ".gradcam.png",
+        "0002-inverted.gradcam.png",
+    ]
+
+
+def test_predict_says_why_an_old_version_has_no_ood_score(
+    store_with_two_versions, tmp_path, capsys
+):
+    _, _, second = store_with_two_versions
+    image = tmp_path / "scan.png"
+    Image.fromarray(np.full((40, 40), 90, dtype=np.uint8)).save(image)
+
+    assert main(["predict", str(image)]) == 0
+
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().endswith("ood=n/a")
+    assert f"probabilities not calibrated: model version {second} was stored before" in captured.err
+    assert "no out-of-distribution score" in captured.err

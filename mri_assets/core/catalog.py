@@ -16,6 +16,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from mri_assets.core.files import lock_exclusively
+from mri_assets.core.landing import INBOX
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS landing_ledger (
@@ -65,6 +66,25 @@ CREATE TABLE IF NOT EXISTS landing_rejections (
     detail VARCHAR,
     rejected_at TIMESTAMP NOT NULL,
     PRIMARY KEY (source_key, fingerprint)
+);
+-- Unlabelled scans landed under <landing>/inbox/** to be scored (the predictions asset). Kept
+-- apart from landed_images so they never enter `images` or the train and test sets.
+CREATE TABLE IF NOT EXISTS inbox_images (
+    source_key VARCHAR PRIMARY KEY,
+    sha256 VARCHAR NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    source_mode VARCHAR,
+    source_format VARCHAR,
+    size_bytes BIGINT,
+    first_seen TIMESTAMP NOT NULL,
+    updated_at TIMESTAMP NOT NULL,
+    pixel_sha256 VARCHAR,
+    perceptual_hash VARCHAR,
+    modality VARCHAR,
+    series_description VARCHAR,
+    pixel_spacing_mm VARCHAR,
+    series_uid_sha256 VARCHAR
 );
 CREATE TABLE IF NOT EXISTS dataset_versions (
     version VARCHAR NOT NULL,
@@ -190,17 +210,18 @@ IMAGES_COLUMNS = (
 
 REJECTED_QUERY = """
 SELECT r.source_key, r.split_folder, r.reason, r.detail, r.rejected_at,
-       a.source_key IS NOT NULL AS earlier_version_kept
+       a.source_key IS NOT NULL OR i.source_key IS NOT NULL AS earlier_version_kept
 FROM landing_rejections r
 JOIN landing_ledger l ON l.source_key = r.source_key AND l.fingerprint = r.fingerprint
 LEFT JOIN landed_images a ON a.source_key = r.source_key
+LEFT JOIN inbox_images i ON i.source_key = r.source_key
 ORDER BY r.source_key
 """
 
 
 REJECTED_IMAGES_COLUMNS = (
     Column("source_key", "VARCHAR", "Path of the object below the landing zone"),
-    Column("split_folder", "VARCHAR", "Landing folder it was found in: train or test"),
+    Column("split_folder", "VARCHAR", "Landing folder it was found in: train, test or inbox"),
     Column("reason", "VARCHAR", "Why it could not be used (empty_file, truncated, ...)"),
     Column("detail", "VARCHAR", "What exactly was wrong"),
     Column("rejected_at", "TIMESTAMP", "When it was rejected"),
@@ -265,6 +286,10 @@ def record_ingest(
     try:
         if removed is not None and len(removed):
             _record_removals(conn, removed)
+        inbox = accepted["split_folder"] == INBOX if len(accepted) else None
+        if inbox is not None and inbox.any():
+            _record_inbox(conn, accepted[inbox])
+            accepted = accepted[~inbox]
         if len(accepted):
             conn.register("batch_accepted", accepted)
             # A rewritten key keeps its first_seen (the update leaves it out): the image's place
@@ -317,16 +342,41 @@ def record_ingest(
         raise
 
 
+def _record_inbox(conn, accepted: pd.DataFrame) -> None:
+    """Upsert accepted inbox scans into ``inbox_images`` (no label: they are to be scored)."""
+    conn.register("batch_inbox", accepted)
+    conn.execute(
+        """
+        INSERT INTO inbox_images BY NAME
+        SELECT source_key, sha256, width, height, source_mode, source_format, size_bytes,
+               processed_at AS first_seen, processed_at AS updated_at, pixel_sha256,
+               perceptual_hash, modality, series_description, pixel_spacing_mm,
+               series_uid_sha256
+        FROM batch_inbox
+        ON CONFLICT (source_key) DO UPDATE SET
+            sha256 = excluded.sha256, width = excluded.width, height = excluded.height,
+            source_mode = excluded.source_mode, source_format = excluded.source_format,
+            size_bytes = excluded.size_bytes, updated_at = excluded.updated_at,
+            pixel_sha256 = excluded.pixel_sha256, perceptual_hash = excluded.perceptual_hash,
+            modality = excluded.modality, series_description = excluded.series_description,
+            pixel_spacing_mm = excluded.pixel_spacing_mm,
+            series_uid_sha256 = excluded.series_uid_sha256
+        """
+    )
+    conn.unregister("batch_inbox")
+
+
 def _record_removals(conn, removed: pd.DataFrame) -> None:
     conn.register("batch_removed", removed)
     conn.execute(
         """
         INSERT INTO landing_removals
-        SELECT r.source_key, r.split_folder, a.sha256, r.removed_at
+        SELECT r.source_key, r.split_folder, coalesce(a.sha256, i.sha256), r.removed_at
         FROM batch_removed r LEFT JOIN landed_images a USING (source_key)
+        LEFT JOIN inbox_images i USING (source_key)
         """
     )
-    for table in ("landed_images", "landing_ledger", "landing_rejections"):
+    for table in ("landed_images", "inbox_images", "landing_ledger", "landing_rejections"):
         conn.execute(
             f"DELETE FROM {table} WHERE source_key IN (SELECT source_key FROM batch_removed)"
         )
@@ -337,6 +387,14 @@ def removals(conn) -> pd.DataFrame:
     """Every object removed from the landing zone after it was ingested, newest first."""
     ensure_schema(conn)
     return conn.execute("SELECT * FROM landing_removals ORDER BY removed_at DESC").df()
+
+
+def inbox_scans(conn) -> list[tuple[str, str]]:
+    """(source_key, sha256) of every accepted inbox scan, by key."""
+    ensure_schema(conn)
+    return conn.execute(
+        "SELECT source_key, sha256 FROM inbox_images ORDER BY source_key"
+    ).fetchall()
 
 
 def rebuild_images(conn) -> pd.DataFrame:

@@ -46,9 +46,11 @@ def evaluate(
     batch_size: int = 64,
     *,
     device: str | None = None,
+    temperature: float = 1.0,
 ) -> Evaluation:
     """Probabilities and metrics of ``model`` on every image of ``snapshot`` (pixels from cache),
-    computed on ``device`` (core/devices.py; None: the CPU)."""
+    computed on ``device`` (core/devices.py; None: the CPU), calibrated by ``temperature`` (the
+    one stored with the version: core/serving.py)."""
     from mri_assets.core.inference import predict_probabilities
     from mri_assets.core.metrics import classification_metrics
 
@@ -58,7 +60,12 @@ def evaluate(
             f"and materialize {snapshot.split}_images first"
         )
     probabilities = predict_probabilities(
-        model, preprocessing, cache.get_many(snapshot.sha256s), batch_size, device=device
+        model,
+        preprocessing,
+        cache.get_many(snapshot.sha256s),
+        batch_size,
+        device=device,
+        temperature=temperature,
     )
     p_positive = probabilities[:, classes.positive_index]
     y_true = [classes.index(label) for label in snapshot.labels]
@@ -69,8 +76,14 @@ def evaluate(
 
 
 def evaluation_plots_markdown(evaluation: Evaluation, classes: ClassSpec, title: str) -> str:
-    """ROC curve and confusion matrix side by side, as markdown with inline PNGs."""
-    from mri_assets.core.metrics import confusion_matrix_png, png_markdown, roc_curve_png
+    """ROC curve, reliability diagram and confusion matrix side by side, as markdown with
+    inline PNGs."""
+    from mri_assets.core.metrics import (
+        confusion_matrix_png,
+        png_markdown,
+        reliability_diagram_png,
+        roc_curve_png,
+    )
 
     roc = roc_curve_png(
         np.array(evaluation.y_true),
@@ -79,16 +92,33 @@ def evaluation_plots_markdown(evaluation: Evaluation, classes: ClassSpec, title:
         classes.names,
         title=f"{title}: ROC",
     )
+    reliability = reliability_diagram_png(
+        np.array(evaluation.y_true),
+        np.array(evaluation.p_positive),
+        classes.positive_index,
+        classes.names,
+        title=f"{title}: reliability",
+    )
     matrix = confusion_matrix_png(
         evaluation.metrics["confusion_matrix"], classes.names, title=f"{title}: confusion matrix"
     )
     return (
         f"{png_markdown(roc, f'{title} ROC curve')} "
+        f"{png_markdown(reliability, f'{title} reliability diagram')} "
         f"{png_markdown(matrix, f'{title} confusion matrix')}"
     )
 
 
 def metrics_metadata(metrics: dict[str, Any]) -> dict[str, Any]:
     """The scalar metrics a person scans for, rounded, with None kept as None."""
-    keys = ("roc_auc", "accuracy", "precision", "recall", "f1", "log_loss", "base_rate_accuracy")
+    keys = (
+        "roc_auc",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "log_loss",
+        "expected_calibration_error",
+        "base_rate_accuracy",
+    )
     return {k: (None if metrics.get(k) is None else round(float(metrics[k]), 4)) for k in keys}

@@ -34,12 +34,14 @@ def predict_probabilities(
     *,
     device: str | torch.device | None = None,
     mixed_precision: bool | None = None,
+    temperature: float = 1.0,
 ) -> np.ndarray:
     """Softmax probabilities (N, num_classes) as float32, columns in logit (ClassSpec) order.
 
     ``pixels`` are (H, W, 3) uint8 RGB arrays of any sizes; they are resized and normalised per
     batch so memory stays bounded by ``batch_size`` images. Runs in channels_last (see embed),
-    on ``device``; the model is handed back on the device it came on.
+    on ``device``; the model is handed back on the device it came on. ``temperature`` divides
+    the logits before the softmax (core/calibration.py fits it; 1 leaves them as they are).
     """
     if not pixels:
         return np.zeros((0, int(model.config.num_labels)), dtype=np.float32)
@@ -47,7 +49,7 @@ def predict_probabilities(
     if where.reference:  # the original path, unchanged: numpy per batch
         return np.concatenate(
             [
-                torch.softmax(model(pixel_values=batch).logits, dim=-1).numpy()
+                torch.softmax(_tempered(model(pixel_values=batch).logits, temperature), -1).numpy()
                 for batch in _inference_batches(model, preprocessing, pixels, batch_size, where)
             ]
         )
@@ -55,8 +57,50 @@ def predict_probabilities(
     for batch in _inference_batches(model, preprocessing, pixels, batch_size, where):
         with where.autocast():
             logits = model(pixel_values=batch).logits
-        outputs.append(torch.softmax(logits.float(), dim=-1))
+        outputs.append(torch.softmax(_tempered(logits.float(), temperature), dim=-1))
     return torch.cat(outputs).cpu().numpy()
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def logits_and_features(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    pixels: list[np.ndarray],
+    batch_size: int = 64,
+    *,
+    device: str | torch.device | None = None,
+    mixed_precision: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw logits (N, num_classes) and pooled backbone features (N, D), float32, from ONE
+    forward pass per batch: the backbone runs once and the head is applied to its pooled output
+    (what ``model(...)`` does inside), so an out-of-distribution score from the features costs
+    only the head-sized work on top of a prediction."""
+    classes = int(model.config.num_labels)
+    if not pixels:
+        return np.zeros((0, classes), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+    where = placement(device, mixed_precision)
+    head = classifier_head(model)
+    logits, features = [], []
+    for batch in _inference_batches(model, preprocessing, pixels, batch_size, where):
+        with where.autocast():
+            pooled = pooled_features(model, batch)
+            logits.append(head(pooled).float())
+        features.append(pooled.float())
+    return torch.cat(logits).cpu().numpy(), torch.cat(features).cpu().numpy()
+
+
+def classifier_head(model: PreTrainedModel) -> torch.nn.Module:
+    """The module that turns pooled features into logits (``classifier`` in HF vision models)."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} has no `classifier` head on its pooled features; "
+            "out-of-distribution scores need a model shaped like ResNet or ConvNeXt"
+        )
+    return head
 
 
 def embed(

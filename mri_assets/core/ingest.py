@@ -252,6 +252,7 @@ class ExamineContext:
     memory: MemoryBudget
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    needs_label: bool = True  # False for the inbox: scans there are to be classified
 
 
 def examine_object(obj: LandedObject, ctx: ExamineContext) -> Examined:
@@ -264,8 +265,8 @@ def examine_object(obj: LandedObject, ctx: ExamineContext) -> Examined:
         return Examined(obj, None, reason=obj.reason, detail=obj.detail)
     if obj.is_hidden:
         return Examined(obj, None, reason="hidden_file", detail="hidden or system file, not a scan")
-    label = resolve_label(obj.key_in_split, ctx.classes)
-    if label is None:
+    label = resolve_label(obj.key_in_split, ctx.classes) if ctx.needs_label else None
+    if label is None and ctx.needs_label:
         names = list(ctx.classes.names)
         return Examined(
             obj,
@@ -383,6 +384,7 @@ def ingest_new_objects(
         workers=workers or default_workers(landing),
         on_progress=on_progress,
         memory=memory or MemoryBudget(default_decode_memory_bytes()),
+        needs_label=split != catalog.INBOX,
     )
     unrecorded = set()
     for obj, outcome in zip(candidates, outcomes, strict=True):
@@ -407,7 +409,17 @@ _NOT_TRIED = object()  # skipped after too many failures in this run
 
 
 def _examine_all(
-    candidates, *, landing, classes, cache, known, max_pixels, workers, on_progress, memory
+    candidates,
+    *,
+    landing,
+    classes,
+    cache,
+    known,
+    max_pixels,
+    workers,
+    on_progress,
+    memory,
+    needs_label=True,
 ) -> list:
     """One outcome per candidate, in order: Examined, FailedRead, _VANISHED or _NOT_TRIED."""
     failures = 0
@@ -435,7 +447,9 @@ def _examine_all(
 
     outcomes = []
     with cache.writer() as writer:
-        ctx = ExamineContext(landing, classes, cache, writer, known, memory, max_pixels)
+        ctx = ExamineContext(
+            landing, classes, cache, writer, known, memory, max_pixels, needs_label=needs_label
+        )
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
             for done, outcome in enumerate(pool.map(examine, candidates), start=1):

@@ -14,6 +14,9 @@ from typing import Any, Protocol
 from mri_assets.core.files import replaced_atomically
 
 SPLITS = ("train", "test")
+# Unlabelled scans for the predictions asset: ingested like a split, never trained or tested on.
+INBOX = "inbox"
+LANDING_FOLDERS = (*SPLITS, INBOX)
 # botocore client settings for the landing zone. A sensor tick must end well inside Dagster's
 # sensor timeout (60 s) even when the endpoint accepts connections and never answers: each call
 # gives up after 2 attempts of at most 3 s to connect and 10 s of silence while reading.

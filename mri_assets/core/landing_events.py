@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from mri_assets.core.landing import SPLITS, parse_s3_location
+from mri_assets.core.landing import LANDING_FOLDERS, parse_s3_location
 
 # Seconds a received message stays hidden from other readers. Long enough to outlast the gap
 # between two sensor ticks (the one that reads it and the one after its cursor is committed,
@@ -79,7 +79,7 @@ def changes_in_message(body: str, location: str) -> tuple[LandingChange, ...]:
         if not key.startswith(prefix):
             continue
         relative = key[len(prefix) :]
-        if relative.split("/", 1)[0] in SPLITS and "/" in relative:
+        if relative.split("/", 1)[0] in LANDING_FOLDERS and "/" in relative:
             changes.append(LandingChange(relative, name.startswith("ObjectRemoved"), token))
     return tuple(changes)
 

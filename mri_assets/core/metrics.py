@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 THRESHOLD = 0.5
+# Equal-width confidence bins of the expected calibration error and the reliability diagram.
+CALIBRATION_BINS = 10
 # Probabilities are clipped before the log so a confident mistake costs a lot, not infinity.
 LOG_LOSS_EPS = 1e-15
 
@@ -60,6 +62,7 @@ def classification_metrics(
         "log_loss": log_loss(is_positive, probs),
         "confusion_matrix": confusion_matrix(truth, predicted, len(class_names)),
         "base_rate_accuracy": max(counts) / truth.size,
+        "expected_calibration_error": expected_calibration_error(truth, probs, positive_index),
         "warning": None,
     }
     if single_class:
@@ -69,6 +72,33 @@ def classification_metrics(
             "undefined without both classes, so roc_auc is None"
         )
     return metrics
+
+
+def calibration_bins(
+    truth: np.ndarray, probs: np.ndarray, positive_index: int, bins: int = CALIBRATION_BINS
+) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, images) per non-empty confidence bin, where the confidence of
+    a prediction is the probability of the class it predicts (in [0.5, 1] for two classes)."""
+    predicted_positive = probs >= THRESHOLD
+    confidence = np.where(predicted_positive, probs, 1.0 - probs)
+    correct = predicted_positive == (truth == positive_index)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return [
+        (float(confidence[which == b].mean()), float(correct[which == b].mean()), int(n))
+        for b in range(bins)
+        if (n := int(np.sum(which == b)))
+    ]
+
+
+def expected_calibration_error(
+    truth: np.ndarray, probs: np.ndarray, positive_index: int, bins: int = CALIBRATION_BINS
+) -> float:
+    """Mean |accuracy - confidence| over the confidence bins, weighted by their images (Naeini
+    et al. 2015; Guo et al. 2017): 0 when a 0.8-confident answer is right 80 % of the time."""
+    per_bin = calibration_bins(np.asarray(truth), np.asarray(probs), positive_index, bins)
+    total = sum(n for _, _, n in per_bin)
+    return float(sum(n * abs(acc - conf) for conf, acc, n in per_bin) / total)
 
 
 def roc_auc(is_positive: np.ndarray, probs: np.ndarray) -> float:
@@ -147,6 +177,35 @@ def roc_curve_png(
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate")
     axes.set_title(f"{title} ({class_names[positive_index]} positive)", fontsize=9)
     axes.legend(loc="lower right", fontsize=8)
+    return _png(figure)
+
+
+def reliability_diagram_png(
+    y_true: Sequence[int] | np.ndarray,
+    p_positive: Sequence[float] | np.ndarray,
+    positive_index: int,
+    class_names: Sequence[str],
+    title: str = "Reliability",
+) -> bytes:
+    """Accuracy against confidence per bin (bars), the diagonal of perfect calibration, and the
+    expected calibration error in the legend, PNG bytes."""
+    truth, probs = _validated(y_true, p_positive, positive_index, class_names)
+    per_bin = calibration_bins(truth, probs, positive_index)
+    ece = expected_calibration_error(truth, probs, positive_index)
+    width = 0.5 / CALIBRATION_BINS
+    figure, axes = _figure()
+    axes.plot([0.5, 1], [0.5, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    axes.bar(
+        [conf for conf, _, _ in per_bin],
+        [acc for _, acc, _ in per_bin],
+        width=width * 0.9,
+        color="tab:blue",
+        alpha=0.7,
+        label=f"accuracy (ECE = {ece:.3f})",
+    )
+    axes.set(xlim=(0.5, 1), ylim=(0, 1.01), xlabel="confidence", ylabel="accuracy")
+    axes.set_title(title, fontsize=9)
+    axes.legend(loc="upper left", fontsize=8)
     return _png(figure)
 
 

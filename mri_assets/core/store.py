@@ -4,7 +4,9 @@ Layout under ``root``::
 
     base/<name>/                 base models (the embedded ResNet), see model.load_base_model
     versions/<version>/          model.safetensors, config.json, preprocessor_config.json,
-                                 training_record.json -- complete or absent, never half-written
+                                 training_record.json -- complete or absent, never half-written;
+                                 optionally arrays.safetensors (named arrays stored with the
+                                 model, such as its out-of-distribution statistics)
     deployments.json             the deployment history; its last entry is what is deployed
 
 The store alone says what is deployed, so serving predictions never needs the DuckDB catalog.
@@ -39,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from mri_assets.core.files import (
     LEFTOVER_GRACE_SECONDS,
     held_for_writing,
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "training_record.json"
 VERSION_FILES = (WEIGHTS_FILE, "config.json", PREPROCESSOR_CONFIG, RECORD_FILE)
+ARRAYS_FILE = "arrays.safetensors"  # optional: versions saved before it existed have none
 DEPLOYMENTS_FILE = "deployments.json"
 _STAGING_PREFIX = ".tmp-"
 _STAGING_LOCK = ".writer.lock"  # held by the saving process; removed just before the rename
@@ -108,7 +113,11 @@ class ModelStore:
     # --- versions ------------------------------------------------------------------------------
 
     def save_version(
-        self, model: PreTrainedModel, preprocessing: Preprocessing, training_record: dict[str, Any]
+        self,
+        model: PreTrainedModel,
+        preprocessing: Preprocessing,
+        training_record: dict[str, Any],
+        arrays: dict[str, np.ndarray] | None = None,
     ) -> str:
         """Store ``model`` as a new immutable version and return its id.
 
@@ -116,8 +125,9 @@ class ModelStore:
         weights' sha256): they sort by creation time. The folder is written under a temporary
         name and renamed into place, so a crash leaves either a complete version or none.
         ``training_record`` is stored with ``version``, ``created_at``, ``code_version`` and
-        ``weights_sha256`` added. Staging folders left by a killed save are swept first
-        (``sweep_leftovers``).
+        ``weights_sha256`` added. ``arrays`` (named numpy arrays) are written to
+        ``arrays.safetensors`` in the same folder, so they appear and vanish with the version.
+        Staging folders left by a killed save are swept first (``sweep_leftovers``).
         """
         self.versions_root.mkdir(parents=True, exist_ok=True)
         self.sweep_leftovers()
@@ -128,6 +138,8 @@ class ModelStore:
                 with quiet_transformers():
                     model.save_pretrained(staging)
                 save_preprocessing(preprocessing, staging)
+                if arrays:
+                    _save_arrays(staging / ARRAYS_FILE, arrays)
                 _refuse_pickles(staging)  # save_pretrained must have written safetensors only
                 weights_sha = _file_sha256(staging / WEIGHTS_FILE)
                 now = datetime.now(timezone.utc)
@@ -272,6 +284,13 @@ class ModelStore:
                 str(folder), use_safetensors=True, trust_remote_code=False, dtype=torch.float32
             )
         return model.eval(), read_preprocessing(folder)
+
+    def load_arrays(self, version: str) -> dict[str, np.ndarray]:
+        """The named arrays stored with ``version`` (empty for a version saved without any)."""
+        from safetensors.numpy import load_file
+
+        path = self._complete_version(version) / ARRAYS_FILE
+        return load_file(str(path)) if path.is_file() else {}
 
     def versions(self) -> list[str]:
         """Ids of the complete versions, oldest first (with a remote: the published ones)."""
@@ -535,6 +554,12 @@ def _refuse_pickles(folder: Path) -> None:
             f"{folder} contains pickle-format files ({', '.join(pickles)}); only safetensors "
             "weights are accepted, because unpickling can run arbitrary code"
         )
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(path))
 
 
 def _file_sha256(path: Path) -> str:

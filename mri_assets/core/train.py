@@ -159,6 +159,9 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
     precision: str = "fp32"  # fp32, or the mixed-precision autocast dtype (bf16, fp16)
+    # Positions in the sha256s given to fine_tune: what calibration fits on (core/serving.py).
+    train_indices: tuple[int, ...] = ()
+    validation_indices: tuple[int, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (no weights) for the training record."""
@@ -258,6 +261,8 @@ def fine_tune(
         notes=notes,
         device=str(where.device),
         precision=where.precision,
+        train_indices=tuple(int(i) for i in train_idx),
+        validation_indices=tuple(int(i) for i in val_idx),
     )
 
 

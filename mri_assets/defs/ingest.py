@@ -21,7 +21,7 @@ from pydantic import Field
 
 from mri_assets.core import catalog
 from mri_assets.core.ingest import EmptyListingRefused, ingest_new_objects, settled_listing
-from mri_assets.core.landing import SPLITS, listing_digest
+from mri_assets.core.landing import LANDING_FOLDERS, listing_digest
 from mri_assets.core.landing_events import LandingChange, changes_digest
 from mri_assets.defs.conventions import CODE_VERSION, INGEST_STEP_TAGS, OWNERS, TAGS
 from mri_assets.resources import (
@@ -95,9 +95,15 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         description=(
             f"Every object under the landing zone's `{split}/` folder, read once, validated, "
             "hashed (file sha256 and decoded-pixel sha256), its decoded pixels cached, and "
-            "recorded in DuckDB (`landed_images`, `landing_rejections`, `landing_ledger`, "
-            "`landing_removals`). Only new or rewritten objects are read; objects deleted from "
-            "the landing zone leave the sets. Nothing is moved or deleted in the landing zone."
+            f"recorded in DuckDB (`{_accepted_table(split)}`, `landing_rejections`, "
+            "`landing_ledger`, `landing_removals`). Only new or rewritten objects are read; "
+            "objects deleted from the landing zone leave the sets. Nothing is moved or deleted "
+            "in the landing zone."
+            + (
+                " Inbox scans need no label: the `predictions` asset scores them."
+                if split == catalog.INBOX
+                else ""
+            )
         ),
     )
     def raw_images(
@@ -159,6 +165,10 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
             )
 
     return raw_images
+
+
+def _accepted_table(split: str) -> str:
+    return "inbox_images" if split == catalog.INBOX else "landed_images"
 
 
 def _progress_logger(context: dg.AssetExecutionContext, split: str):
@@ -447,5 +457,6 @@ def _notified_tick(context, landing: LandingZoneResource, queue, split: str, nam
     )
 
 
-raw_image_assets = [build_raw_images_asset(split) for split in SPLITS]
-landing_sensors = [build_landing_sensor(split) for split in SPLITS]
+# train/ and test/ feed the model; inbox/ holds unlabelled scans for the predictions asset.
+raw_image_assets = [build_raw_images_asset(folder) for folder in LANDING_FOLDERS]
+landing_sensors = [build_landing_sensor(folder) for folder in LANDING_FOLDERS]

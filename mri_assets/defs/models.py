@@ -240,8 +240,11 @@ class TestBench:
         with self.warehouse.connection() as conn:
             return find_evaluation(conn, version, self.test_set, self.classes)
 
-    def evaluated(self, version: str, role: str, model, preprocessing) -> Evaluation:
-        """The recorded evaluation of ``version``, else this model's, computed and recorded."""
+    def evaluated(
+        self, version: str, role: str, model, preprocessing, temperature: float = 1.0
+    ) -> Evaluation:
+        """The recorded evaluation of ``version``, else this model's (probabilities calibrated
+        by ``temperature``), computed and recorded."""
         found = self.recorded(version)
         if found is not None:
             return found
@@ -253,17 +256,24 @@ class TestBench:
             self.classes,
             version,
             device=self.device,
+            temperature=temperature,
         )
         with self.warehouse.connection() as conn:
             record_evaluation(conn, result, role)
         return result
 
     def stored_evaluated(self, store: ModelStore, version: str, role: str) -> Evaluation:
-        """As ``evaluated``, for a stored version: loaded only when not evaluated yet."""
+        """As ``evaluated``, for a stored version: loaded only when not evaluated yet, and scored
+        as it is served (its own temperature; T = 1 for a version stored before calibration)."""
+        from mri_assets.core.serving import ServedModel
+
         found = self.recorded(version)
         if found is not None:
             return found
-        return self.evaluated(version, role, *store.load_version(version))
+        served = ServedModel.load(store, version)
+        return self.evaluated(
+            version, role, served.model, served.preprocessing, temperature=served.temperature
+        )
 
 
 def evaluation_metadata(evaluation: Evaluation, classes: ClassSpec, title: str) -> dict:
@@ -377,6 +387,7 @@ def fine_tuned_model(
     warehouse: WarehouseResource,
     pixels: PixelCacheResource,
 ) -> dg.MaterializeResult:
+    from mri_assets.core.serving import fit_statistics
     from mri_assets.core.train import fine_tune, training_record
 
     resolved = settings.resolve()
@@ -400,6 +411,15 @@ def fine_tuned_model(
         log=context.log.info,
         device=resolved.device,
     )
+    statistics = fit_statistics(
+        result.model,
+        result.preprocessing,
+        pixels.open().get_many(list(train_set.sha256s)),
+        labels,
+        result.train_indices,
+        result.validation_indices,
+        device=resolved.device,
+    )
     record = training_record(
         result,
         train_set.sha256s,
@@ -410,8 +430,11 @@ def fine_tuned_model(
         train_set_version=train_set.version,
         positive_class=resolved.classes.positive,
         dagster_run_id=context.run.run_id,
+        **statistics.to_record(),
     )
-    version = model_store.open().save_version(result.model, result.preprocessing, record)
+    version = model_store.open().save_version(
+        result.model, result.preprocessing, record, arrays=statistics.to_arrays()
+    )
     best = next(e for e in result.epochs if e.epoch == result.best_epoch)
     return dg.MaterializeResult(
         metadata={
@@ -423,12 +446,29 @@ def fine_tuned_model(
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.epochs),
             "validation_auc": best.val_auc,
+            **statistics_metadata(statistics),
             "training_seconds": round(time.perf_counter() - started, 1),
             "epochs": dg.MetadataValue.md(epochs_markdown(result.epochs)),
             "training_curve": dg.MetadataValue.md(training_curve_markdown(result.epochs)),
         },
         data_version=dg.DataVersion(version),
     )
+
+
+def statistics_metadata(statistics) -> dict:
+    """The temperature and OOD threshold fitted with the version, or why there are none."""
+    temperature = statistics.temperature
+    ood = statistics.ood
+    return {
+        "temperature": round(temperature.value, 4),
+        "temperature_note": temperature.reason
+        or f"fitted on {temperature.fitted_on} validation "
+        f"images: NLL {temperature.nll_before:.4f} -> {temperature.nll_after:.4f}",
+        "ood_threshold": None if ood is None else round(ood.threshold, 3),
+        "ood_note": statistics.ood_unavailable
+        or f"Mahalanobis distance, {ood.percentile:g}th percentile of {ood.fitted_on} "
+        "train and validation images",
+    }
 
 
 def epochs_markdown(epochs: Sequence[EpochMetrics]) -> str:

@@ -12,6 +12,8 @@ from mri_assets.resources import MriSettingsResource, WarehouseResource, column_
 
 REJECTED_SHARE_WARNING = 0.05
 RAW_DEPS = [raw_images_key(split) for split in SPLITS]
+# Inbox files are validated like any other: their rejections are listed with the rest.
+REJECTION_DEPS = [*RAW_DEPS, raw_images_key(catalog.INBOX)]
 # Every table asset rebuilds a DuckDB table as soon as what it is made from changes.
 TABLE_ASSET = {
     "group_name": "tables",
@@ -81,8 +83,18 @@ def images(warehouse: WarehouseResource) -> dg.MaterializeResult:
 
 
 @dg.asset(
-    **TABLE_ASSET,
-    deps=RAW_DEPS,
+    **{
+        **TABLE_ASSET,
+        # An inbox that was never used leaves raw_inbox_images missing; eager() would then never
+        # build this table, so only the train and test folders must have been ingested.
+        "automation_condition": dg.AutomationCondition.eager().replace(
+            "any_deps_missing",
+            dg.AutomationCondition.any_deps_missing().ignore(
+                dg.AssetSelection.assets(raw_images_key(catalog.INBOX))
+            ),
+        ),
+    },
+    deps=REJECTION_DEPS,
     metadata=column_schema(catalog.REJECTED_IMAGES_COLUMNS),
     description=(
         "DuckDB table `rejected_images`: every landed object whose latest version could not be "

@@ -13,7 +13,9 @@ from sklearn.metrics import roc_auc_score
 from mri_assets.core.metrics import (
     classification_metrics,
     confusion_matrix_png,
+    expected_calibration_error,
     png_markdown,
+    reliability_diagram_png,
     roc_curve_png,
     training_curve_png,
 )
@@ -147,3 +149,30 @@ def test_png_markdown_inlines_the_bytes() -> None:
     prefix = "![confusion (test)](data:image/png;base64,"
     assert markdown.startswith(prefix) and markdown.endswith(")")
     assert base64.b64decode(markdown[len(prefix) : -1]) == png
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # Two bins: 0.9-confident answers right 3 times of 4; 0.6-confident ones right 1 of 2.
+    truth = np.array([1, 1, 1, 0, 1, 0])
+    p_positive = np.array([0.9, 0.9, 0.9, 0.9, 0.6, 0.6])
+
+    ece = expected_calibration_error(truth, p_positive, positive_index=1)
+
+    assert ece == pytest.approx((4 * abs(0.75 - 0.9) + 2 * abs(0.5 - 0.6)) / 6)
+    metrics = classification_metrics(truth, p_positive, 1, ("glioma", "meningioma"))
+    assert metrics["expected_calibration_error"] == pytest.approx(ece)
+
+
+def test_calibrated_probabilities_have_a_small_ece_and_overconfident_ones_a_large_one() -> None:
+    rng = np.random.default_rng(0)
+    p_positive = rng.uniform(0, 1, 20000)
+    truth = (rng.uniform(0, 1, p_positive.size) < p_positive).astype(int)
+    overconfident = np.where(p_positive >= 0.5, 0.99, 0.01)
+
+    assert expected_calibration_error(truth, p_positive, 1) < 0.02
+    assert expected_calibration_error(truth, overconfident, 1) > 0.2
+
+
+def test_reliability_diagram_is_a_png() -> None:
+    png = reliability_diagram_png([0, 1, 1, 0], [0.2, 0.7, 0.9, 0.6], 1, ("glioma", "meningioma"))
+    assert png.startswith(b"\x89PNG")

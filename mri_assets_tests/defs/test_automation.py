@@ -377,3 +377,30 @@ def test_a_failed_training_run_is_not_retried_by_automation(deployed):
 def test_a_new_base_model_rebaselines_and_retrains(deployed):
     deployed.instance.report_runless_asset_event(dg.AssetMaterialization("base_model"))
     assert deployed.settle() == [MODELS | {"deployed_model"}]
+
+
+def test_rejected_images_does_not_wait_for_an_inbox_that_was_never_used(pipeline):
+    pipeline.settle()
+    pipeline.land("train", "test")
+    pipeline.settle()
+    assert pipeline.instance.get_latest_materialization_event(dg.AssetKey("rejected_images"))
+    assert not pipeline.instance.get_latest_materialization_event(dg.AssetKey("predictions"))
+
+
+def test_inbox_scans_are_scored_and_a_new_deployment_scores_them_again(deployed):
+    deployed.land("inbox")
+    assert deployed.settle() == [{"rejected_images", "predictions"}]
+
+    deployed.unchanged = {"test_images"}
+    deployed.land("train")
+    assert deployed.settle() == [
+        TABLES,
+        {"fine_tuned_model", "candidate_evaluation", "deployed_model", "predictions"},
+    ]
+
+    # A refused candidate deploys nothing: the inbox is not scored again.
+    deployed.gate_passes = False
+    since = deployed.latest_storage_id()
+    deployed.land("train")
+    deployed.settle()
+    assert "predictions" not in deployed.materialized_since(since)

@@ -69,12 +69,26 @@ def test_chain_promotes_a_trained_model_and_refuses_a_worse_one(landed, fake_sla
         assert abs(baseline["roc_auc"] - 0.5) < 0.2, baseline
         assert candidate["roc_auc"] > baseline["roc_auc"] + 0.25, candidate
         assert candidate["log_loss"] > 0 and "data:image/png;base64" in candidate["plots"]
+        assert 0 <= candidate["expected_calibration_error"] < 0.5
+        assert "reliability diagram" in candidate["plots"]
         assert candidate["decision"] == "promote" and "| baseline |" in candidate["comparison"]
         trained = meta(first, "fine_tuned_model")
         assert "data:image/png;base64" in trained["training_curve"]
         assert trained["epochs"].count("\n") == trained["epochs_run"] + 1  # header, rule, rows
         record = store.training_record(trained["model_version"])  # train.training_record's
         assert record["data_snapshot"]["sha256"] == record["train_set_version"]
+        # Calibration and the OOD detector are fitted once, here, and stored with the version.
+        assert record["calibration"]["temperature"] == pytest.approx(
+            trained["temperature"], abs=1e-4
+        )
+        assert record["calibration"]["fitted_on"] == trained["validation_images"]
+        assert record["ood"]["available"] and record["ood"]["threshold"] == pytest.approx(
+            trained["ood_threshold"], abs=1e-3
+        )
+        assert set(store.load_arrays(trained["model_version"])) == {
+            "ood.class_means",
+            "ood.precision",
+        }
         assert record["data_snapshot"]["n_images"] == sum(
             record["data_snapshot"]["n_per_class"].values()
         )

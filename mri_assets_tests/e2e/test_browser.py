@@ -107,7 +107,7 @@ def test_assets_are_grouped_by_stage(page, dagster_dev, deployment):
     from playwright.sync_api import expect
 
     groups = pipeline_groups()
-    assert set(groups) == {"ingest", "tables", "models", "deployment"}
+    assert set(groups) == {"ingest", "tables", "models", "deployment", "predictions"}
 
     page.goto(f"{dagster_dev.url}/asset-groups")
     for group in groups:

@@ -56,3 +56,31 @@ def test_landing_is_deployed_and_new_test_data_is_evaluated(dagster_dev, deploym
     print(report)
     with (ARTIFACTS / "e2e-timings.txt").open("a") as timings:
         timings.write(report + "\n")
+
+
+def test_inbox_scans_are_scored_by_the_deployed_model(dagster_dev, deployment, tmp_path):
+    deployed_version = deployment.deployed.metadata["deployed_version"]
+    # Four unlabelled scans (the generator's folders are only names here) and one bad file.
+    scans = make_dataset(tmp_path / "inbox", 2, 2, 128, seed=2) / "train"
+    (scans / "notes.png").write_text("not an image")
+    landed_at = dagster_dev.land(scans, under="inbox/ward-3")
+
+    def scored():
+        latest = dagster_dev.latest("predictions")
+        if latest and latest.timestamp > landed_at and latest.metadata.get("scored_now"):
+            return latest
+        return None
+
+    predictions = dagster_dev.wait_for(scored, EVALUATION_TIMEOUT, "predictions of the inbox")
+    assert predictions.metadata["model_version"] == deployed_version
+    assert predictions.metadata["scored_now"] == 4
+    rejected = dagster_dev.wait_for(
+        lambda: (
+            (latest := dagster_dev.latest("rejected_images"))
+            and latest.timestamp > landed_at
+            and latest
+        ),
+        EVALUATION_TIMEOUT,
+        "rejected_images after the inbox landing",
+    )
+    assert "inbox/ward-3/notes.png" in rejected.metadata["preview"]
