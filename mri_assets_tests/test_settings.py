@@ -49,6 +49,7 @@ def test_every_setting_read_here_changes_the_settings(tmp_path):
         "MRI_SLACK_CHANNEL": "#x",
         "MRI_DAGSTER_URL": "https://d.example.org",
         "MRI_SLACK_API_URL": "http://s:1/api",
+        "MRI_OOD_DRIFT_SHARE": "0.5",
     }
     assert set(changed) == {s.name for s in SETTINGS if s.read_here}
     default = Settings.from_env({})
