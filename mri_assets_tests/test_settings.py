@@ -36,6 +36,7 @@ def test_every_setting_read_here_changes_the_settings(tmp_path):
     changed = {
         "MRI_HOME": str(tmp_path),
         "MRI_LANDING": "s3://bucket/landing",
+        "MRI_CATALOG": "postgres:host=db dbname=mri",
         "MRI_BASE_MODEL": "microsoft/resnet-50",
         "MRI_DEVICE": "auto",
         "MRI_CLASSES": "a,b",
