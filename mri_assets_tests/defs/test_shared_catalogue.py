@@ -136,3 +136,15 @@ def test_a_bad_catalogue_setting_is_refused_by_name(raw, reason):
 def test_the_default_catalogue_is_the_duckdb_file():
     assert Settings.from_env({}).catalog == CatalogLocation()
     assert not Settings.from_env({}).catalog.shared
+
+
+def test_a_missing_extension_says_what_to_install(postgres, monkeypatch, tmp_path):
+    """No download is tried: an extension folder without the file fails with the install hint."""
+    monkeypatch.setattr(warehouse, "extension_directory", lambda: tmp_path)
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    location = parse_catalog(catalogue_env(postgres)["MRI_CATALOG"])
+    with (
+        pytest.raises(CatalogueUnavailable, match=r"pip install 'mri-assets\[catalogue\]'"),
+        warehouse.connect(location, tmp_path / "unused.duckdb"),
+    ):
+        pass
