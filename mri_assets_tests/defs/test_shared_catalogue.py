@@ -148,3 +148,33 @@ def test_a_missing_extension_says_what_to_install(postgres, monkeypatch, tmp_pat
         warehouse.connect(location, tmp_path / "unused.duckdb"),
     ):
         pass
+
+
+def test_standings_and_deployments_round_trip_through_postgres(postgres, monkeypatch, tmp_path):
+    """The model stage's upserts (INSERT OR REPLACE, executemany) on the attached database."""
+    from mri_assets.core.catalog import sync_deployments
+    from mri_assets.core.evaluation_records import find_standing, record_standing
+    from mri_assets_tests.core.test_promotion import standing
+
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    location = parse_catalog(catalogue_env(postgres)["MRI_CATALOG"])
+    history = [
+        {
+            "version": "v1",
+            "action": "promote",
+            "auc": 0.97,
+            "test_set_version": "t1",
+            "deployed_at": "2026-01-01T00:00:00Z",
+            "reason": "first",
+        }
+    ]
+    with warehouse.connect(location, tmp_path / "unused.duckdb") as conn:
+        promoted = standing()
+        record_standing(conn, promoted, run_id="run-1")
+        record_standing(conn, standing(deployed=("v3", 0.995)))  # decided again: replaces
+        assert sync_deployments(conn, history) == 1
+    with warehouse.connect(location, tmp_path / "unused.duckdb") as conn:
+        assert find_standing(conn, "v2", "t1").decision.action == "refuse"
+        assert sync_deployments(conn, history) == 0
+    assert postgres.query("SELECT count(*) FROM standings") == [(1,)]
+    assert postgres.query("SELECT version FROM deployments") == [("v1",)]
