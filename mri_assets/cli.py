@@ -258,18 +258,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def mirror_deployments(settings: Settings, store) -> None:
-    """Best effort: a busy DuckDB file is caught up by the next deployed_model run instead."""
+    """Best effort: a busy or unreachable catalogue is caught up by the next deployed_model run."""
     import duckdb
 
-    from mri_assets.core.catalog import exclusive_lock, sync_deployments
+    from mri_assets.core import warehouse
+    from mri_assets.core.catalog import sync_deployments
 
-    path = settings.duckdb_path
     try:
-        with exclusive_lock(path), duckdb.connect(str(path)) as conn:
+        with warehouse.connect(settings.catalog, settings.duckdb_path) as conn:
             added = sync_deployments(conn, store.deployment_history())
-        print(f"recorded {added} deployment row(s) in {path}")
-    except duckdb.Error as error:
-        print(f"note: DuckDB not updated now ({error}); the next deployed_model run records it")
+        where = settings.catalog.describe() if settings.catalog.shared else settings.duckdb_path
+        print(f"recorded {added} deployment row(s) in {where}")
+    except (duckdb.Error, warehouse.CatalogueUnavailable) as error:
+        print(f"note: catalogue not updated now ({error}); the next deployed_model run records it")
 
 
 def build_parser() -> argparse.ArgumentParser:

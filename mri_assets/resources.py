@@ -14,10 +14,12 @@ from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
-from mri_assets.core.catalog import Column, exclusive_lock
+from mri_assets.core import warehouse
+from mri_assets.core.catalog import Column
 from mri_assets.core.landing import S3_CLIENT_SETTINGS, Landing, LocalLanding, S3Landing
 from mri_assets.core.landing_events import LandingQueue
 from mri_assets.core.pixel_cache import PixelCache
+from mri_assets.core.warehouse import CatalogLocation
 from mri_assets.settings import SETTING, Settings
 
 
@@ -105,10 +107,12 @@ class LandingZoneResource(dg.ConfigurableResource):
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB file ($MRI_HOME/mri.duckdb), opened through dagster-duckdb.
+    """The catalogue, opened through dagster-duckdb: the DuckDB file ($MRI_HOME/mri.duckdb), or
+    a PostgreSQL database several machines share (MRI_CATALOG=postgres:..., core/warehouse.py).
 
-    DuckDB allows one writing process per file, so every connection holds an exclusive lock on a
-    sibling ``.lock`` file: runs queue instead of failing, whichever Dagster instance they use.
+    One writer at a time: every connection holds the catalogue's lock (a sibling ``.lock`` file,
+    or a PostgreSQL advisory lock), so runs queue instead of failing, whichever Dagster instance
+    or machine launched them. ``database`` (a file) overrides MRI_CATALOG.
     """
 
     database: str | None = None
@@ -117,12 +121,20 @@ class WarehouseResource(dg.ConfigurableResource):
     def path(self) -> Path:
         return Path(self.database) if self.database else self.settings.resolve().duckdb_path
 
+    def location(self) -> CatalogLocation:
+        return CatalogLocation() if self.database else self.settings.resolve().catalog
+
     @contextmanager
     def connection(self) -> Iterator:
-        path = self.path()
-        with exclusive_lock(path), DuckDBResource(database=str(path)).get_connection() as conn:
+        path, location = self.path(), self.location()
+        duckdb = DuckDBResource(
+            database=warehouse.duckdb_database(location, path),
+            connection_config=warehouse.duckdb_config(location),
+        )
+        with warehouse.writer_lock(location, path), duckdb.get_connection() as conn:
             # get_connection closes only on success; a failed step must not keep the file open.
             try:
+                warehouse.attach(conn, location)
                 yield conn
             finally:
                 conn.close()

@@ -19,6 +19,7 @@ from typing import Any
 from mri_assets.core.devices import parse_device_spec
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.object_store import S3Objects, default_s3_client
+from mri_assets.core.warehouse import CatalogLocation, parse_catalog
 
 
 def _folder(raw: str) -> Path:
@@ -68,6 +69,8 @@ class Setting:
     shown_default: str | None = None
     parse: Callable[[str], Any] = str
     read_here: bool = True
+    # A value that may carry a password by mistake is not repeated in error messages.
+    may_hold_secret: bool = False
 
     def read(self, env: Mapping[str, str]) -> Any:
         raw = env.get(self.name) or self.default
@@ -76,7 +79,8 @@ class Setting:
         try:
             return self.parse(raw)
         except ValueError as error:
-            raise ValueError(f"{self.name}={raw!r} is not valid: {error} ({self.help})") from error
+            shown = self.name if self.may_hold_secret else f"{self.name}={raw!r}"
+            raise ValueError(f"{shown} is not valid: {error} ({self.help})") from error
 
     def readme_row(self) -> str:
         shown = self.shown_default or (f"`{self.default}`" if self.default else "(unset)")
@@ -92,7 +96,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "MRI_LANDING",
-        "Landing zone: a local folder or `s3://bucket/prefix` (`train/**` and `test/**` below it).",
+        "Landing zone: a local folder or `s3://bucket/prefix` (`train/**`, `test/**` and `inbox/**` below it).",
         shown_default="`$MRI_HOME/landing`",
     ),
     Setting(
@@ -116,6 +120,16 @@ SETTINGS: tuple[Setting, ...] = (
         "kept there, and `MRI_HOME` holds only a cache that any run may start without.",
         shown_default="(unset: `MRI_HOME`)",
         parse=_s3_location,
+    ),
+    Setting(
+        "MRI_CATALOG",
+        "Where the catalogue's tables live: `duckdb` (the file `$MRI_HOME/mri.duckdb`) or "
+        "`postgres:<libpq connection string>` (e.g. `postgres:host=db dbname=mri user=mri`), "
+        "a database several machines share; the password goes in `PGPASSWORD`. Needs "
+        "`pip install 'mri-assets[catalogue]'`: see Beyond one machine.",
+        default="duckdb",
+        parse=parse_catalog,
+        may_hold_secret=True,
     ),
     Setting(
         "MRI_BASE_MODEL",
@@ -215,6 +229,7 @@ class Settings:
     landing_queue: str | None
     full_listing_seconds: int
     store: str | None
+    catalog: CatalogLocation
     base_model: str
     device: str
     classes: ClassSpec
@@ -240,6 +255,7 @@ class Settings:
             landing_queue=value["MRI_LANDING_QUEUE"],
             full_listing_seconds=value["MRI_LANDING_FULL_LISTING_SECONDS"],
             store=value["MRI_STORE"],
+            catalog=value["MRI_CATALOG"],
             base_model=value["MRI_BASE_MODEL"],
             device=value["MRI_DEVICE"],
             classes=ClassSpec.parse(value["MRI_CLASSES"], value["MRI_POSITIVE_CLASS"]),

@@ -40,6 +40,7 @@ def test_every_setting_read_here_changes_the_settings(tmp_path):
         "MRI_LANDING_QUEUE": "http://sqs.example.org/1/q",
         "MRI_LANDING_FULL_LISTING_SECONDS": "60",
         "MRI_STORE": "s3://bucket/state",
+        "MRI_CATALOG": "postgres:host=db dbname=mri",
         "MRI_BASE_MODEL": "microsoft/resnet-50",
         "MRI_DEVICE": "auto",
         "MRI_CLASSES": "a,b",
