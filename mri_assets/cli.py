@@ -125,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     readable = [path for path in args.files if not isinstance(decoded[path], Exception)]
     scores = served.score([decoded[p] for p in readable], device=settings.device)
     answers = {path: prediction_answer(served, scores, row) for row, path in enumerate(readable)}
-    explained = explain_to(args.explain, served, readable, decoded, answers)
+    explained = explain_to(args.explain, served, readable, decoded, answers, settings.device)
     note_missing_statistics(served)
     for path in args.files:  # answers come in the order the files were given
         if path not in answers:
@@ -184,7 +184,7 @@ def note_missing_statistics(served) -> None:
         print(f"note: no out-of-distribution score: {statistics.ood_unavailable}", file=sys.stderr)
 
 
-def explain_to(out_dir, served, readable, decoded, answers) -> dict[str, str]:
+def explain_to(out_dir, served, readable, decoded, answers, device) -> dict[str, str]:
     """With --explain: a Grad-CAM overlay per readable file in ``out_dir``; path -> PNG path."""
     from mri_assets.core.saliency import grad_cam, overlay_png
 
@@ -194,7 +194,7 @@ def explain_to(out_dir, served, readable, decoded, answers) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     images = [decoded[path] for path in readable]
     predicted = [served.class_names.index(answers[path]["label"]) for path in readable]
-    maps = grad_cam(served.model, served.preprocessing, images, predicted)
+    maps = grad_cam(served.model, served.preprocessing, images, predicted, device=device)
     written = {}
     for number, (path, image, saliency) in enumerate(zip(readable, images, maps, strict=True)):
         # Numbered, so two inputs with one file name (a/x.png, b/x.png) do not collide.

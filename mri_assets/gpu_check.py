@@ -251,7 +251,7 @@ def run_check(out: Path, *, cpu_dry_run: bool = False, seed: int = 0) -> int:
         agreements = [
             cell["ok"]
             for model in report["models"].values()
-            for cell in model["agreement"].values()
+            for cell in [*model["agreement"].values(), model["serving"]]
         ]
         report["status"] = "ok" if all(agreements) else "disagree"
     report["duration_seconds"] = round(time.perf_counter() - started, 1)
@@ -352,6 +352,8 @@ def _check_model(
             f"(tolerance {tolerance}) -> {'ok' if agreement[cell]['ok'] else 'DISAGREE'}"
         )
 
+    serving = _check_serving(name, model, preprocessing, result, phantoms, mixed, say)
+
     throughput: dict[str, dict[str, Any]] = {"train": {}, "inference": {}}
     image_size = preprocessing.image_size
     for where in [*under_test, *cpu_cells]:
@@ -381,7 +383,103 @@ def _check_model(
         "test_auc_cpu_fp32": _round(roc_auc(truth, reference)),
         "predict_images_per_second": pipeline_rates,
         "agreement": agreement,
+        "serving": serving,
         "throughput": throughput,
+    }
+
+
+# Serving on the device must flag the same scans as on the CPU: the share of images (test
+# slices and their contrast-inverted twins) whose OOD flag is the same on both.
+FLAG_AGREEMENT_FLOOR = 0.95
+SALIENCY_IMAGES = 16
+
+
+def _check_serving(
+    name: str,
+    model: Any,
+    preprocessing: Preprocessing,
+    result: Any,
+    phantoms: Phantoms,
+    where: Placement,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """What serving adds after training (core/serving.py: the temperature and the OOD detector
+    fitted on the train and validation images; calibrated scores with OOD flags; Grad-CAM), on
+    the device under test against the CPU in float32. Contrast-inverted test slices stand in for
+    scans from another scanner: the detector should flag them and not the test slices."""
+    from mri_assets.core.saliency import grad_cam
+    from mri_assets.core.serving import ServedModel, fit_statistics
+
+    cells = {"cpu_fp32": placement("cpu", False), _cell_name(where): where}
+    outliers = [255 - pixels for pixels in phantoms.test_pixels]
+    scanned = [*phantoms.test_pixels, *outliers]
+    n_test = len(phantoms.test_pixels)
+    served, scores, rates = {}, {}, {}
+    for cell, at in cells.items():
+        statistics = fit_statistics(
+            model,
+            preprocessing,
+            phantoms.train_pixels,
+            phantoms.train_labels,
+            result.train_indices,
+            result.validation_indices,
+            device=str(at.device),
+        )
+        served[cell] = ServedModel(f"gpu-check-{cell}", model, preprocessing, statistics)
+        served[cell].score(scanned[:64], device=str(at.device))  # warm-up
+        synchronize(at)
+        t0 = time.perf_counter()
+        scores[cell] = served[cell].score(scanned, device=str(at.device))
+        rates[cell] = round(len(scanned) / (time.perf_counter() - t0), 1)
+    cpu, device = scores["cpu_fp32"], scores[_cell_name(where)]
+    if cpu.ood_flags is None or device.ood_flags is None:
+        raise RuntimeError(f"{name}: no OOD detector was fitted: {served['cpu_fp32'].statistics}")
+    difference = float(np.abs(device.probabilities - cpu.probabilities)[:, 1].max())
+    flag_agreement = float((device.ood_flags == cpu.ood_flags).mean())
+    tolerance = TOLERANCE[where.precision]
+    report = {
+        "temperature": {cell: round(s.temperature, 4) for cell, s in served.items()},
+        "ood_threshold": {cell: round(s.statistics.ood.threshold, 3) for cell, s in served.items()},
+        "calibrated_max_abs_difference": difference,
+        "tolerance": tolerance,
+        "ood_flag_agreement": round(flag_agreement, 4),
+        "flagged_share_test": {
+            cell: round(float(s.ood_flags[:n_test].mean()), 4) for cell, s in scores.items()
+        },
+        "flagged_share_inverted": {
+            cell: round(float(s.ood_flags[n_test:].mean()), 4) for cell, s in scores.items()
+        },
+        "score_images_per_second": rates,
+    }
+    report["saliency"] = _saliency_agreement(grad_cam, model, preprocessing, phantoms, cells)
+    report["ok"] = bool(difference <= tolerance and flag_agreement >= FLAG_AGREEMENT_FLOOR)
+    say(
+        f"{name}: serving on {_cell_name(where)} vs cpu_fp32: calibrated max |dp| "
+        f"{difference:.2e} (tolerance {tolerance}), OOD flags agree on {flag_agreement:.1%}, "
+        f"flagged {report['flagged_share_test']} of test slices and "
+        f"{report['flagged_share_inverted']} of inverted ones -> "
+        f"{'ok' if report['ok'] else 'DISAGREE'}"
+    )
+    return report
+
+
+def _saliency_agreement(grad_cam, model, preprocessing, phantoms, cells) -> dict[str, Any]:
+    """Grad-CAM maps of a few test slices on each cell (float32 everywhere): time per image and
+    the largest difference to the CPU's map (maps are in [0, 1])."""
+    images = phantoms.test_pixels[:SALIENCY_IMAGES]
+    maps, seconds = {}, {}
+    for cell, at in cells.items():
+        grad_cam(model, preprocessing, images[:2], device=str(at.device))  # warm-up
+        synchronize(at)
+        t0 = time.perf_counter()
+        maps[cell] = np.stack(grad_cam(model, preprocessing, images, device=str(at.device)))
+        seconds[cell] = (time.perf_counter() - t0) / len(images)
+    device_cell = next(cell for cell in cells if cell != "cpu_fp32")
+    return {
+        "images": len(images),
+        "milliseconds_per_image": {cell: round(1000 * s, 2) for cell, s in seconds.items()},
+        "max_abs_difference": float(np.abs(maps[device_cell] - maps["cpu_fp32"]).max()),
+        "mean_abs_difference": float(np.abs(maps[device_cell] - maps["cpu_fp32"]).mean()),
     }
 
 
@@ -600,8 +698,26 @@ def _markdown(report: dict[str, Any]) -> str:
                     else "| |"
                 )
             )
-        lines.append("")
+        lines += ["", *_serving_markdown(model["serving"]), ""]
     return "\n".join(lines)
+
+
+def _serving_markdown(serving: dict[str, Any]) -> list[str]:
+    saliency = serving["saliency"]
+    return [
+        f"Serving (temperature and OOD detector fitted on each cell; calibrated scores of the "
+        f"test slices and their contrast-inverted twins): temperature {serving['temperature']}, "
+        f"OOD threshold {serving['ood_threshold']}; calibrated max |dp| vs cpu_fp32 "
+        f"{serving['calibrated_max_abs_difference']:.2e} (<= {serving['tolerance']}); OOD flags "
+        f"agree on {serving['ood_flag_agreement']:.1%} (>= {FLAG_AGREEMENT_FLOOR:.0%}); flagged "
+        f"share of test slices {serving['flagged_share_test']}, of inverted ones "
+        f"{serving['flagged_share_inverted']}; scoring img/s {serving['score_images_per_second']}"
+        f" -> {'ok' if serving['ok'] else '**disagree**'}",
+        "",
+        f"Grad-CAM ({saliency['images']} images, float32): ms per image "
+        f"{saliency['milliseconds_per_image']}; max |difference| to the CPU map "
+        f"{saliency['max_abs_difference']:.2e} (mean {saliency['mean_abs_difference']:.2e})",
+    ]
 
 
 def _rate_text(cell: dict[str, Any] | str) -> str:

@@ -115,13 +115,33 @@ def fit_ood(
 
 def _fitted(features: np.ndarray, labels: np.ndarray) -> OodDetector:
     """Means and shrunk shared precision of ``features`` (threshold still unset)."""
-    from sklearn.covariance import LedoitWolf
-
     classes = np.unique(labels)
     means = np.stack([features[labels == c].mean(axis=0) for c in classes])
     centred = features - means[np.searchsorted(classes, labels)]
-    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    return OodDetector(means, precision, threshold=np.inf)
+    return OodDetector(means, shrunk_precision(centred), threshold=np.inf)
+
+
+def shrunk_precision(centred: np.ndarray) -> np.ndarray:
+    """Inverse of the Ledoit-Wolf covariance of ``centred`` (N, D): (1 - s) X'X / N + s mu I.
+
+    The same matrix as sklearn's ``LedoitWolf(assume_centered=True).precision_``, but when
+    N < D (a ResNet-50's 2,048 features from a few hundred scans) through the Woodbury identity,
+    which inverts an N x N matrix instead of eigendecomposing a D x D one: 3-10 s per fit at
+    D = 2,048 on two cores becomes well under one, and fit_ood fits six times.
+    """
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    n, d = centred.shape
+    shrinkage = ledoit_wolf_shrinkage(centred, assume_centered=True)
+    mu = float(np.sum(centred**2)) / (n * d)  # trace(X'X / N) / D
+    ridge, scale = shrinkage * mu, (1.0 - shrinkage) / n
+    if n >= d or ridge <= 0.0:
+        covariance = scale * (centred.T @ centred) + ridge * np.eye(d)
+        return np.linalg.pinv(covariance, hermitian=True)
+    # (aI + b X'X)^-1 = I/a - (b/a^2) X' (I + (b/a) X X')^-1 X
+    inner = np.eye(n) + (scale / ridge) * (centred @ centred.T)
+    solved = np.linalg.solve(inner, centred)
+    return np.eye(d) / ridge - (scale / ridge**2) * (centred.T @ solved)
 
 
 def _stratified_folds(labels: np.ndarray, folds: int) -> np.ndarray:

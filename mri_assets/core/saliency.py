@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mri_assets.core.devices import model_on, placement
 from mri_assets.core.model import Preprocessing, preprocess_pixels
 
 if TYPE_CHECKING:
@@ -46,23 +47,32 @@ def grad_cam(
     preprocessing: Preprocessing,
     pixels: Sequence[np.ndarray],
     target_classes: Sequence[int] | None = None,
+    *,
+    device: str | torch.device | None = None,
 ) -> list[np.ndarray]:
     """One map per image, (H, W) float32 in [0, 1] at the image's own size, for the class in
-    ``target_classes`` (default: the predicted one). Runs on the CPU, in float32."""
+    ``target_classes`` (default: the predicted one). Runs on ``device`` (see core/devices.py;
+    None: the CPU) in float32: gradients in mixed precision would need loss scaling for a map
+    that costs one backward pass. The model is handed back on the device it came on."""
+    where = placement(device, mixed_precision=False)
     stage = last_convolutional_stage(model)
     captured: list[torch.Tensor] = []
     handle = stage.register_forward_hook(lambda _m, _i, output: captured.append(output))
     model.eval()
     maps: list[np.ndarray] = []
     try:
-        for start in range(0, len(pixels), BATCH_SIZE):
-            part = list(pixels[start : start + BATCH_SIZE])
-            wanted = None if target_classes is None else target_classes[start : start + len(part)]
-            captured.clear()
-            cams = _batch_cams(model, preprocess_pixels(part, preprocessing), captured, wanted)
-            maps.extend(
-                _resized(cam, image.shape[:2]) for cam, image in zip(cams, part, strict=True)
-            )
+        with model_on(model, where):
+            for start in range(0, len(pixels), BATCH_SIZE):
+                part = list(pixels[start : start + BATCH_SIZE])
+                wanted = (
+                    None if target_classes is None else target_classes[start : start + len(part)]
+                )
+                captured.clear()
+                batch = where.to_device(preprocess_pixels(part, preprocessing))
+                cams = _batch_cams(model, batch, captured, wanted).cpu()
+                maps.extend(
+                    _resized(cam, image.shape[:2]) for cam, image in zip(cams, part, strict=True)
+                )
     finally:
         handle.remove()
     return maps
@@ -82,7 +92,7 @@ def _batch_cams(
         targets = (
             logits.argmax(dim=1)
             if wanted is None
-            else torch.as_tensor(list(wanted), dtype=torch.long)
+            else torch.as_tensor(list(wanted), dtype=torch.long, device=logits.device)
         )
         chosen = logits.gather(1, targets[:, None]).sum()
         (gradients,) = torch.autograd.grad(chosen, activations)

@@ -94,7 +94,9 @@ def predictions(
     new = frame[~frame["sha256"].isin(seen_before)].drop_duplicates("sha256")
     verdict = drift_verdict(list(new["ood_flag"]), resolved.ood_drift_share)
     explained = to_explain(frame)
-    overlays = write_overlays(served, explained, cache, resolved.saliency_dir / served.version)
+    overlays = write_overlays(
+        served, explained, cache, resolved.saliency_dir / served.version, resolved.device
+    )
     with warehouse.connection() as conn:
         record_predictions(conn, frame)
         counts = prediction_counts(conn, served.version)
@@ -143,7 +145,7 @@ def predictions(
     )
 
 
-def write_overlays(served, explained, cache, folder) -> str:
+def write_overlays(served, explained, cache, folder, device) -> str:
     """Grad-CAM overlays of ``explained`` as PNG files in ``folder`` (one per content); the
     markdown shows the first INLINE_OVERLAYS as thumbnails and lists the rest by path."""
     from mri_assets.core.saliency import grad_cam, overlay_png
@@ -153,7 +155,7 @@ def write_overlays(served, explained, cache, folder) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     images = cache.get_many(list(explained["sha256"]))
     targets = [served.class_names.index(label) for label in explained["label"]]
-    maps = grad_cam(served.model, served.preprocessing, images, targets)
+    maps = grad_cam(served.model, served.preprocessing, images, targets, device=device)
     lines = []
     for number, (row, image, saliency) in enumerate(
         zip(explained.itertuples(), images, maps, strict=True)

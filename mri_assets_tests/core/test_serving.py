@@ -218,3 +218,16 @@ def test_a_model_without_pooled_features_is_calibrated_but_has_no_ood_score(trai
 
     assert statistics.ood is None and "no pooled backbone output" in statistics.ood_unavailable
     assert statistics.temperature.value == pytest.approx(with_features.temperature.value, rel=1e-3)
+
+
+@pytest.mark.parametrize("n, d", [(40, 300), (300, 40)])
+def test_shrunk_precision_is_ledoit_wolfs_inverse_on_both_sides_of_n_equals_d(n, d):
+    """The Woodbury path (N < D) and the direct one (N >= D) give sklearn's precision_."""
+    from sklearn.covariance import LedoitWolf
+
+    from mri_assets.core.ood import shrunk_precision
+
+    rng = np.random.default_rng(n)
+    centred = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d)
+    expected = LedoitWolf(assume_centered=True).fit(centred).precision_
+    np.testing.assert_allclose(shrunk_precision(centred), expected, rtol=1e-9, atol=1e-12)
