@@ -25,7 +25,16 @@ from pathlib import Path
 from benchmarks.common import DEFAULT_THREADS, REPO, RESULTS, log
 from benchmarks.report import markdown
 
-BENCHMARKS = ("training", "full_finetune", "ingest", "inference", "sensor", "landing_to_deployed")
+BENCHMARKS = (
+    "training",
+    "full_finetune",
+    "ingest",
+    "inference",
+    "resnet50",
+    "sensor",
+    "landing_to_deployed",
+    "generalisation",
+)
 # Per-benchmark limits (seconds): a hung benchmark must not hold up the report.
 TIMEOUTS = {"quick": 600, "full": 1500}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -129,8 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or BENCHMARKS:
         report["benchmarks"].append(run_one(name, args.quick, scratch, args.threads))
     report["total_seconds"] = round(time.time() - started, 1)
+    report["gpu_check"] = gpu_check(out)
     write(report, out, mode)
     return 0 if all("error" not in b for b in report["benchmarks"]) else 1
+
+
+def gpu_check(out: Path) -> dict | None:
+    """The last GPU check's report (`make gpu-check` on a GPU machine, copied to
+    ``out/gpu_check.json``), or None where there is none: this machine has no GPU."""
+    path = out / "gpu_check.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write(report: dict, out: Path, mode: str) -> None:
