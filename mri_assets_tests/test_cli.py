@@ -128,3 +128,38 @@ def test_status_and_rollback(store_with_two_versions, mri_env, capsys):
     with duckdb.connect(str(mri_env / "mri.duckdb"), read_only=True) as conn:
         actions = conn.execute("SELECT action FROM deployments ORDER BY seq").fetchall()
     assert [a for (a,) in actions] == ["promote", "promote", "rollback"]
+
+
+def test_make_dataset_hard_variation_writes_every_encoding_and_differs(tmp_path, capsys):
+    from PIL import Image
+
+    common = ["--glioma", "6", "--meningioma", "6", "--size", "48", "--quiet"]
+    assert main(["make-dataset", str(tmp_path / "hard"), "--variation", "hard", *common]) == 0
+    assert main(["make-dataset", str(tmp_path / "plain"), *common]) == 0
+    modes = set()
+    for path in (tmp_path / "hard").rglob("*.*"):
+        with Image.open(path) as image:
+            modes.add(image.mode)
+    assert modes == {"L", "RGB", "RGBA", "P"}
+    plain = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*.*")}
+    for path in (tmp_path / "plain").rglob("*.*"):
+        with Image.open(path) as image:
+            assert image.mode == "L"  # the default data set stays gray PNG and JPEG
+    assert len(plain) == 12
+
+
+def test_variation_choices_are_the_generators():
+    from mri_assets.cli import build_parser
+    from mri_assets.core.phantoms import VARIATIONS
+
+    for command in ("make-dataset", "seed-landing"):
+        parser = build_parser()
+        with pytest.raises(SystemExit):
+            parser.parse_args(
+                [command, *(["out"] if command == "make-dataset" else []), "--variation", "harder"]
+            )
+        for name in VARIATIONS:
+            args = parser.parse_args(
+                [command, *(["out"] if command == "make-dataset" else []), "--variation", name]
+            )
+            assert args.variation == name

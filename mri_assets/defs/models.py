@@ -425,7 +425,7 @@ def fine_tuned_model(
     train_config = config.to_train_config(base.pretrained)
     context.log.info(f"recipe: {recipe_name(base.pretrained)}; {train_config.to_dict()}")
     labels = [resolved.classes.index(label) for label in train_set.labels]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = fine_tune(
         base.model,
         base.preprocessing,
@@ -463,6 +463,9 @@ def fine_tuned_model(
             "epochs_run": len(result.epochs),
             "validation_auc": best.val_auc,
             "training_seconds": round(time.perf_counter() - started, 1),
+            # CPU time of this process's threads: unlike the wall time, it barely grows when
+            # other programs share the machine.
+            "training_cpu_seconds": round(time.process_time() - cpu_started, 1),
             "epochs": dg.MetadataValue.md(epochs_markdown(result.epochs)),
             "training_curve": dg.MetadataValue.md(training_curve_markdown(result.epochs)),
         },
