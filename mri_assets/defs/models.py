@@ -113,7 +113,7 @@ class FineTuneConfig(dg.Config):
 
     strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
         default=_TRAIN_DEFAULTS.strategy,
-        description="`full`: every weight trains, on lightly augmented images; `linear_probe`: "
+        description="`full`: every weight trains, on augmented images; `linear_probe`: "
         "the backbone is frozen and only the head trains, on cached embeddings.",
     )
     epochs: int | None = Field(
@@ -150,7 +150,8 @@ class FineTuneConfig(dg.Config):
     )
     augment: bool = Field(
         default=_TRAIN_DEFAULTS.augment,
-        description="Random flips and affine jitter of the training images (`full` only).",
+        description="Random flips, rotation, scale, shift, contrast gamma, gain and shading of "
+        "the training images (`full` only; train.Augmentation).",
     )
     num_threads: int | None = Field(
         default=_TRAIN_DEFAULTS.num_threads,
