@@ -6,6 +6,8 @@ DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 MRI_HOME ?= $(CURDIR)/.mri
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# Generated data set `make dev` lands: default, or hard (`make dev PHANTOMS=hard`).
+PHANTOMS ?= default
 
 .PHONY: install dev test lint format bench bench-quick gpu-check clean
 
@@ -23,7 +25,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	MRI_HOME=$(MRI_HOME) $(BIN)/mri-assets seed-landing
+	MRI_HOME=$(MRI_HOME) $(BIN)/mri-assets seed-landing --variation $(PHANTOMS)
 	DAGSTER_HOME=$(DAGSTER_HOME) MRI_HOME=$(MRI_HOME) \
 		$(BIN)/dagster dev -h $(HOST) -p $(PORT) -w workspace.yaml
 

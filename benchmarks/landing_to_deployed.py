@@ -40,7 +40,8 @@ POLL_SECONDS = 1.0
 ASSETS_QUERY = """
 { assetNodes { assetKey { path }
     assetMaterializations(limit: 1) { timestamp runId
-      metadataEntries { label ... on FloatMetadataEntry { floatValue } } } } }
+      metadataEntries { label ... on FloatMetadataEntry { floatValue }
+        ... on IntMetadataEntry { intValue } } } } }
 """
 RUNS_QUERY = """
 { runsOrError { ... on Runs { results { runId status startTime endTime tags { key value }
@@ -68,7 +69,10 @@ def materializations(url: str) -> dict[str, dict]:
     for node in graphql(url, ASSETS_QUERY)["assetNodes"]:
         events = node["assetMaterializations"]
         if events:
-            entries = {e["label"]: e.get("floatValue") for e in events[0]["metadataEntries"]}
+            entries = {
+                e["label"]: e.get("floatValue", e.get("intValue"))
+                for e in events[0]["metadataEntries"]
+            }
             latest["/".join(node["assetKey"]["path"])] = {
                 "timestamp": int(events[0]["timestamp"]) / 1000,
                 "metadata": entries,

@@ -79,7 +79,52 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## What was measured", ""]
     for bench in report["benchmarks"]:
         lines += _section(bench)
+    if report.get("gpu_check"):
+        lines += gpu_check_section(report["gpu_check"])
     return "\n".join(lines) + "\n"
+
+
+def gpu_check_section(check: dict[str, Any]) -> list[str]:
+    """The GPU check's figures (`make gpu-check`, run on a machine with a GPU; its JSON is copied
+    to benchmarks/results/gpu_check.json), since this machine has none to measure them."""
+    env = check.get("environment", {})
+    lines = [
+        "## GPU check",
+        "",
+        f"From `benchmarks/results/gpu_check.json` (`make gpu-check`): status **{check.get('status')}** "
+        f"({check.get('mode')}), {check.get('duration_seconds', 0):.0f} s; {env.get('gpu', 'no GPU')}, "
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, "
+        f"{env.get('cpu_count')} CPUs.",
+        "",
+    ]
+    models = check.get("models") or {}
+    if not models:
+        return lines
+    lines += [
+        "| model | training on the GPU | test AUC (GPU / CPU fp32) | predict img/s (CPU fp32 / GPU fp32 / GPU bf16) | train img/s, bare loop (CPU fp32 / GPU bf16) | GPU agrees with CPU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, model in models.items():
+        training = model.get("training", {})
+        predict = model.get("predict_images_per_second", {})
+        train = model.get("throughput", {}).get("train", {})
+        agreement = model.get("agreement", {})
+        lines.append(
+            f"| {name} ({model.get('parameters', 0):,} parameters, {model.get('image_size')} px) "
+            f"| {training.get('epochs')} epochs in {training.get('duration_seconds')} s "
+            f"({training.get('precision')}) "
+            f"| {model.get('test_auc')} / {model.get('test_auc_cpu_fp32')} "
+            f"| {_rate(predict.get('cpu_fp32'))} / {_rate(predict.get('gpu_fp32'))} / "
+            f"{_rate(predict.get('gpu_bf16'))} "
+            f"| {_rate(train.get('cpu_fp32', {}).get('images_per_second'))} / "
+            f"{_rate(train.get('gpu_bf16', {}).get('images_per_second'))} "
+            f"| {'yes' if agreement and all(a.get('ok') for a in agreement.values()) else 'no'} |"
+        )
+    return [*lines, ""]
+
+
+def _rate(number: float | None) -> str:
+    return "-" if number is None else f"{number:,.0f}"
 
 
 def _header(report: dict[str, Any]) -> list[str]:

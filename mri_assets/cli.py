@@ -37,6 +37,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         size=args.size,
         progress=not args.quiet,
+        variation=args.variation,
     )
     print(f"wrote {summary.files} images to {summary.root}: {json.dumps(summary.counts)}")
     return 0
@@ -73,7 +74,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_seed_landing(args: argparse.Namespace) -> int:
-    """Generate the default data set straight into the landing zone, unless it holds scans."""
+    """Generate the data set (the default variation unless --variation says otherwise) straight
+    into the landing zone, unless it holds scans."""
     import tempfile
 
     from mri_assets.core.phantoms import write_dataset
@@ -84,9 +86,11 @@ def cmd_seed_landing(args: argparse.Namespace) -> int:
         print(f"{location} already holds scans; leaving it as it is")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        summary = write_dataset(tmp, seed=args.seed, progress=not args.quiet)
+        summary = write_dataset(
+            tmp, seed=args.seed, progress=not args.quiet, variation=args.variation
+        )
         upload_tree(Path(tmp), landing, progress=not args.quiet)
-    print(f"landed {summary.files} generated images in {location}")
+    print(f"landed {summary.files} generated images ({args.variation} variation) in {location}")
     return 0
 
 
@@ -286,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--test-fraction", type=float, default=0.25)
     make.add_argument("--size", type=int, default=256, help="image side in pixels")
+    add_variation_option(make)
     make.add_argument("--quiet", action="store_true", help="no progress bar")
     make.set_defaults(run=cmd_make_dataset)
 
@@ -302,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seed.add_argument("--landing", help="local folder or s3://bucket/prefix (default MRI_LANDING)")
     seed.add_argument("--seed", type=int, default=0)
+    add_variation_option(seed)
     seed.add_argument("--quiet", action="store_true")
     seed.set_defaults(run=cmd_seed_landing)
 
@@ -324,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollback.set_defaults(run=cmd_rollback)
     return parser
+
+
+def add_variation_option(parser: argparse.ArgumentParser) -> None:
+    # The names are phantoms.VARIATIONS' keys, spelled out so that --help needs no numpy import.
+    parser.add_argument(
+        "--variation",
+        choices=("default", "hard"),
+        default="default",
+        help="`default`: the data set the tests and benchmarks use; `hard`: slices that vary "
+        "more (rotations up to 20 degrees, flips, contrast gamma, noise, bias, overlapping "
+        "lesions, RGB/RGBA/palette files)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

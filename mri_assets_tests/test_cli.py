@@ -196,3 +196,38 @@ def test_predict_says_why_an_old_version_has_no_ood_score(
     assert captured.out.rstrip().endswith("ood=n/a")
     assert f"probabilities not calibrated: model version {second} was stored before" in captured.err
     assert "no out-of-distribution score" in captured.err
+
+
+def test_make_dataset_hard_variation_writes_every_encoding_and_differs(tmp_path, capsys):
+    from PIL import Image
+
+    common = ["--glioma", "6", "--meningioma", "6", "--size", "48", "--quiet"]
+    assert main(["make-dataset", str(tmp_path / "hard"), "--variation", "hard", *common]) == 0
+    assert main(["make-dataset", str(tmp_path / "plain"), *common]) == 0
+    modes = set()
+    for path in (tmp_path / "hard").rglob("*.*"):
+        with Image.open(path) as image:
+            modes.add(image.mode)
+    assert modes == {"L", "RGB", "RGBA", "P"}
+    plain = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*.*")}
+    for path in (tmp_path / "plain").rglob("*.*"):
+        with Image.open(path) as image:
+            assert image.mode == "L"  # the default data set stays gray PNG and JPEG
+    assert len(plain) == 12
+
+
+def test_variation_choices_are_the_generators():
+    from mri_assets.cli import build_parser
+    from mri_assets.core.phantoms import VARIATIONS
+
+    for command in ("make-dataset", "seed-landing"):
+        parser = build_parser()
+        with pytest.raises(SystemExit):
+            parser.parse_args(
+                [command, *(["out"] if command == "make-dataset" else []), "--variation", "harder"]
+            )
+        for name in VARIATIONS:
+            args = parser.parse_args(
+                [command, *(["out"] if command == "make-dataset" else []), "--variation", name]
+            )
+            assert args.variation == name

@@ -32,9 +32,11 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 # The embedded model: a small ResNet trained from scratch, sized so that a full fine-tune on a
-# few hundred 128 px images takes well under two minutes on two CPU cores.
+# few hundred images takes well under three minutes on two CPU cores. 96 px, tuned on the hard
+# phantoms (benchmarks/generalisation.py): it generalised better than 128 or 160 px within the
+# same training time, since more epochs fit in it.
 EMBEDDED_SEED = 0
-EMBEDDED_IMAGE_SIZE = 128
+EMBEDDED_IMAGE_SIZE = 96
 EMBEDDED_ARCHITECTURE: dict[str, Any] = {
     "num_channels": 3,
     "embedding_size": 32,
@@ -88,6 +90,9 @@ class BaseModel:
     preprocessing: Preprocessing
     spec: str  # what MRI_BASE_MODEL said
     source: str  # the folder or hub id the weights were read from
+    # True when the two-class head was made here (zero weights: every image scores 0.5), False
+    # when the checkpoint's own two-class head was kept (e.g. a model fine-tuned earlier).
+    fresh_head: bool = True
 
     @property
     def pretrained(self) -> bool:
@@ -116,16 +121,18 @@ def load_base_model(spec: str, classes: ClassSpec, base_root: str | Path) -> Bas
     spec = (spec or EMBEDDED).strip()
     if spec == EMBEDDED:
         folder = ensure_embedded_base(base_root)
-        return BaseModel(
-            _from_pretrained(folder, classes), read_preprocessing(folder), spec, str(folder)
-        )
+        model, _ = _from_pretrained(folder, classes)
+        # The embedded model's head is zero by construction (nothing was trained yet).
+        return BaseModel(model, read_preprocessing(folder), spec, str(folder), fresh_head=True)
     folder = Path(spec)
     if folder.is_dir():
         refuse_pickle_only(folder)
         if not (folder / PREPROCESSOR_CONFIG).exists():
             # save_pretrained of a bare model writes no processor: assume ImageNet at 224 px.
-            return BaseModel(_from_pretrained(folder, classes), Preprocessing(224), spec, spec)
-    return BaseModel(_from_pretrained(spec, classes), _hub_preprocessing(spec), spec, spec)
+            model, fresh = _from_pretrained(folder, classes)
+            return BaseModel(model, Preprocessing(224), spec, spec, fresh_head=fresh)
+    model, fresh = _from_pretrained(spec, classes)
+    return BaseModel(model, _hub_preprocessing(spec), spec, spec, fresh_head=fresh)
 
 
 def embedded_folder(base_root: str | Path) -> Path:
@@ -219,7 +226,8 @@ def head_linear(model: PreTrainedModel) -> torch.nn.Linear:
     return linears[0]
 
 
-def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
+def _from_pretrained(source: str | Path, classes: ClassSpec) -> tuple[PreTrainedModel, bool]:
+    """The checkpoint as a two-class classifier, and whether its head was made here (fresh)."""
     import torch
     from transformers import AutoModelForImageClassification
 
@@ -252,12 +260,13 @@ def _from_pretrained(source: str | Path, classes: ClassSpec) -> PreTrainedModel:
             )
             + f"; only safetensors weights are read. Cause: {error}"
         ) from error
-    if _head_was_reinitialised(model, loading):
+    fresh = _head_was_reinitialised(model, loading)
+    if fresh:
         # e.g. a 1000-class ImageNet head replaced by a random two-class one. A head that is not a
-        # single Linear layer keeps its random init: still trainable, just not a 0.5 baseline.
+        # single Linear layer keeps transformers' own init: still trainable, not a 0.5 baseline.
         with suppress(ValueError):
             zero_head(model)
-    return model.eval()
+    return model.eval(), fresh
 
 
 def _dtype_keyword() -> str:
@@ -269,14 +278,17 @@ def _dtype_keyword() -> str:
 
 
 def _head_was_reinitialised(model: PreTrainedModel, loading: dict[str, Any]) -> bool:
-    if getattr(model, "classifier", None) is None:
-        return False
-    head = {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
+    """True when the checkpoint did not supply the head's weights (missing, or of another shape,
+    e.g. 1000 classes). The head is ``classifier`` in most image models; for one named otherwise,
+    any weight the checkpoint did not supply counts (the head is what such checkpoints lack)."""
     fresh = set(loading.get("missing_keys") or ())
     fresh |= {
         item[0] if isinstance(item, tuple) else item
         for item in loading.get("mismatched_keys") or ()
     }
+    if getattr(model, "classifier", None) is None:
+        return bool(fresh)
+    head = {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
     return bool(head & fresh)
 
 

@@ -8,6 +8,12 @@ The classes differ in the morphology a radiologist would use rather than in any 
 statistic: gliomas sit inside the parenchyma with blurred margins and finger-like oedema,
 meningiomas sit on the dura with sharp margins and a CSF cleft. Size, side, lobe, oedema and
 brightness are drawn from overlapping distributions.
+
+Two variations (``VARIATIONS``): ``default``, the data set the tests and benchmarks are calibrated
+on, and ``hard``, which varies more between slices the way scans from several sites do: rotations
+up to +-20 degrees, left-right and front-back flips, a scanner contrast gamma of 0.7 to 1.4,
+stronger Rician noise and coil bias, tumour sizes, intensities and positions that overlap more
+between the classes, and files written as gray or RGB JPEG, gray, RGBA or palette PNG.
 """
 
 from __future__ import annotations
@@ -27,9 +33,74 @@ SPLITS = ("train", "test")
 
 # Folder names for the "class folder" convention; files in them are just numbered.
 _CLASS_FOLDERS = {"glioma": "Glioma T2", "meningioma": "Meningioma T2"}
-# Cycled by index: half PNG, and both JPEG spellings.
-_SUFFIXES = (".png", ".jpg", ".png", ".jpeg")
 _JPEG_QUALITY = 90
+_PALETTE_LEVELS = 64
+
+
+@dataclass(frozen=True)
+class Variation:
+    """How much slices vary: pose, acquisition, lesion overlap and file encodings.
+
+    Ranges are (low, high) of uniform draws. The ``default`` values are the original generator's
+    and are drawn in the original order, so the default data set stays byte-identical; draws that
+    only the hard mode needs (flips, gamma) come after all others and only when enabled.
+    """
+
+    name: str
+    max_rotation: float  # degrees either way
+    flips: bool  # left-right and front-back, each with probability 1/2
+    gamma: tuple[float, float] | None  # scanner contrast: signal ** gamma (None: linear)
+    noise: tuple[float, float]  # Rician sigma, as a share of full scale
+    bias: float  # std of the coil-bias polynomial's coefficients
+    lesion_radius: tuple[float, float]  # log-uniform, both classes
+    glioma_intensity: tuple[float, float]
+    meningioma_intensity: tuple[float, float]
+    glioma_gap: tuple[float, float]  # brain kept between a glioma's core and the cortex
+    meningioma_embed: tuple[float, float]  # sphere centre depth in radii: higher, smaller base
+    encodings: tuple[str, ...]  # cycled by index; see ENCODINGS
+
+
+# File encodings: suffix and how the gray slice is stored.
+ENCODINGS = {
+    "png": ".png",  # 8-bit gray
+    "jpeg": ".jpeg",  # 8-bit gray, quality 90
+    "jpg": ".jpg",  # the same, other spelling
+    "jpeg-rgb": ".jpg",  # three channels, chroma subsampled: the channels differ slightly
+    "png-rgba": ".png",  # RGB plus alpha, the background transparent
+    "png-palette": ".png",  # mode P with a 64-level gray palette (posterised)
+}
+
+VARIATIONS = {
+    "default": Variation(
+        name="default",
+        max_rotation=10.0,
+        flips=False,
+        gamma=None,
+        noise=(0.015, 0.04),
+        bias=0.08,
+        lesion_radius=(0.075, 0.21),
+        glioma_intensity=(0.62, 0.85),
+        meningioma_intensity=(0.46, 0.72),
+        glioma_gap=(0.05, 0.1),
+        meningioma_embed=(0.3, 0.7),
+        encodings=("png", "jpg", "png", "jpeg"),  # half PNG, and both JPEG spellings
+    ),
+    "hard": Variation(
+        name="hard",
+        max_rotation=20.0,
+        flips=True,
+        gamma=(0.7, 1.4),
+        noise=(0.02, 0.08),
+        bias=0.22,
+        lesion_radius=(0.06, 0.24),
+        glioma_intensity=(0.5, 0.85),
+        meningioma_intensity=(0.46, 0.82),
+        glioma_gap=(0.02, 0.1),
+        meningioma_embed=(0.3, 0.9),
+        encodings=("png", "jpg", "png-rgba", "jpeg-rgb", "png-palette", "jpeg"),
+    ),
+}
+DEFAULT = VARIATIONS["default"]
 
 # Elliptic radius of the inner skull table (the skin is at 1): the intracranial boundary.
 _INNER_TABLE = 0.87
@@ -134,14 +205,14 @@ class _Head:
         return normal / np.linalg.norm(normal)
 
 
-def _random_head(rng: np.random.Generator) -> _Head:
+def _random_head(rng: np.random.Generator, variation: Variation) -> _Head:
     outline = _harmonics(rng, (2, 3, 4), 0.012, decay=0.0)
     outline[0] = 1.0
     outline[1] = -1j * rng.uniform(0.0, 0.04)  # + egg * sin(angle): the occiput is wider
     return _Head(
         a=rng.uniform(0.66, 0.76),
         b=rng.uniform(0.80, 0.88),
-        angle=np.deg2rad(rng.uniform(-10, 10)),
+        angle=np.deg2rad(rng.uniform(-variation.max_rotation, variation.max_rotation)),
         shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
         outline=outline,
     )
@@ -280,9 +351,10 @@ def _brain(
 # --------------------------------------------------------------------------- lesions
 
 
-def _lesion_size(rng: np.random.Generator) -> float:
+def _lesion_size(rng: np.random.Generator, variation: Variation) -> float:
     """Mean lesion radius; the same log-uniform law for both classes so size alone cannot decide."""
-    return float(np.exp(rng.uniform(np.log(0.075), np.log(0.21))))
+    low, high = variation.lesion_radius
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 @dataclass(frozen=True)
@@ -321,16 +393,19 @@ def _glioma(
     head: _Head,
     tissue: _Tissue,
     fields: np.ndarray,
+    variation: Variation,
 ) -> _Lesion:
     """Intra-axial, irregular, infiltrative, heterogeneous, with finger-like vasogenic oedema.
 
     fields: [boundary roughness, core texture, oedema texture] random fields.
     """
-    radius = _lesion_size(rng)
+    radius = _lesion_size(rng, variation)
     shape = _harmonics(rng, range(1, 11), 0.16, decay=0.8)
     angles = np.exp(1j * np.linspace(0, 2 * np.pi, 64, endpoint=False))
     # Pad for the ragged edge and blur below, plus a layer of cortex the core must not reach.
-    reach = radius * 1.2 * np.maximum(1 + _periodic(shape, angles), 0.3) + rng.uniform(0.05, 0.1)
+    reach = radius * 1.2 * np.maximum(1 + _periodic(shape, angles), 0.3) + rng.uniform(
+        *variation.glioma_gap
+    )
     cx, cy = _glioma_centre(rng, head, np.stack([reach * angles.real, reach * angles.imag], -1))
     r, z = _unit(x - cx, y - cy)
     boundary = radius * np.maximum(1 + _periodic(shape, z), 0.3)
@@ -338,7 +413,7 @@ def _glioma(
     s = r / boundary + 0.1 * fields[0]
     alpha = _soft((1 - s) * radius, rng.uniform(0.016, 0.03))
 
-    core = rng.uniform(0.62, 0.85) * (1 + 0.14 * fields[1])
+    core = rng.uniform(*variation.glioma_intensity) * (1 + 0.14 * fields[1])
     if rng.random() < 0.55:  # necrotic, fluid-bright centre inside a thick darker wall
         necrosis = _soft((rng.uniform(0.35, 0.6) - s) * radius, 0.008)
         core = _blend(core * rng.uniform(0.7, 0.85), rng.uniform(0.85, 0.95), necrosis)
@@ -358,13 +433,16 @@ def _meningioma(
     head: _Head,
     tissue: _Tissue,
     fields: np.ndarray,
+    variation: Variation,
 ) -> _Lesion:
     """Extra-axial dural-based mass: broad base on the inner table, sharp lobulated edge, CSF cleft."""
     # Slightly larger spheres so the visible, skull-clipped part matches a glioma core's area.
-    radius = 1.12 * _lesion_size(rng)
+    radius = 1.12 * _lesion_size(rng, variation)
     phi0 = rng.uniform(0, 2 * np.pi)
     base = head.surface_point(phi0, _INNER_TABLE)
-    embed = rng.uniform(0.3, 0.7)  # < 1: the sphere's cap is cut off by the skull -> broad base
+    embed = rng.uniform(
+        *variation.meningioma_embed
+    )  # < 1: the sphere's cap is cut off by the skull -> broad base
     cx, cy = (base + head.inward_normal(base) * embed * radius).tolist()
     r, z = _unit(x - cx, y - cy)
     boundary = radius * (1 + _periodic(_harmonics(rng, range(2, 6), 0.1, decay=0.7), z))
@@ -377,7 +455,7 @@ def _meningioma(
         tail = _dural_tail(rng, rho, off, radius * np.sqrt(1 - embed**2) / np.linalg.norm(base))
         alpha = np.maximum(alpha, tail * intracranial)
 
-    intensity = rng.uniform(0.46, 0.72) * (1 + 0.04 * fields[1])
+    intensity = rng.uniform(*variation.meningioma_intensity) * (1 + 0.04 * fields[1])
     cleft_width = rng.uniform(0.018, 0.03)
     cleft = np.clip(_soft(boundary + cleft_width - r, 0.003) - alpha, 0, 1) * intracranial
     cleft_value = tissue.csf if rng.random() < 0.75 else 0.12  # CSF or a dark vascular rim
@@ -412,11 +490,13 @@ class Phantom:
     label: str
 
 
-def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Phantom:
+def render_phantom(
+    rng: np.random.Generator, label: str, size: int = 256, variation: Variation = DEFAULT
+) -> Phantom:
     """Render one slice of the given class, with its lesion and intracranial masks."""
     if label not in CLASSES:
         raise ValueError(f"label must be one of {CLASSES}, got {label!r}")
-    head = _random_head(rng)
+    head = _random_head(rng, variation)
     x, y = _head_frame(head, size)
     wm = rng.uniform(0.32, 0.4)
     tissue = _Tissue(wm=wm, gm=wm + rng.uniform(0.12, 0.24), csf=rng.uniform(0.8, 0.97))
@@ -424,7 +504,7 @@ def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Pha
     f = _smooth_fields(rng, size, ((0.018, 0.5), (0.03, 0), (0.012, 0), (0.025, 0), (0.04, 0)))
 
     draw = _glioma if label == "glioma" else _meningioma
-    lesion = draw(rng, x, y, head, tissue, f[2:5])
+    lesion = draw(rng, x, y, head, tissue, f[2:5], variation)
     rho, _ = head.polar(x, y)
     intracranial = _soft(_INNER_TABLE - rho, 0.003)
     image = _scalp_and_skull(rng, rho, tissue.csf)
@@ -438,25 +518,40 @@ def render_phantom(rng: np.random.Generator, label: str, size: int = 256) -> Pha
         halo = halo * brain_mask * (0.2 + 0.8 * (1 - grey))
     image = _blend(image, lesion.halo_intensity, halo)
     image = _blend(image, lesion.intensity, lesion.alpha)
-    return Phantom(_acquire(rng, image, x, y), lesion.alpha, intracranial > 0.5, label)
+    pixels = _acquire(rng, image, x, y, variation)
+    planes = [pixels, lesion.alpha, intracranial > 0.5]
+    if variation.flips:  # the same flip for the image and its masks
+        for axis in (1, 0):  # left-right, then front-back
+            if rng.random() < 0.5:
+                planes = [np.flip(plane, axis) for plane in planes]
+    return Phantom(*(np.ascontiguousarray(plane) for plane in planes), label)
 
 
 def _acquire(
-    rng: np.random.Generator, image: np.ndarray, x: np.ndarray, y: np.ndarray
+    rng: np.random.Generator,
+    image: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    variation: Variation = DEFAULT,
 ) -> np.ndarray:
-    """Smooth coil bias, scanner gain and Rician noise (magnitude of complex Gaussian) -> 8 bit."""
-    c = rng.normal(0, 0.08, 5).tolist()
+    """Smooth coil bias, scanner gain and Rician noise (magnitude of complex Gaussian) -> 8 bit.
+    With ``variation.gamma``, the scanner's contrast curve: signal ** gamma before the noise."""
+    c = rng.normal(0, variation.bias, 5).tolist()
     bias = np.exp(c[0] * x + c[1] * y + c[2] * x * x + c[3] * y * y + c[4] * x * y)
     signal = image * bias * rng.uniform(0.78, 1.0)
-    sigma = rng.uniform(0.015, 0.04)
+    sigma = rng.uniform(*variation.noise)
     noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * sigma
+    if variation.gamma is not None:
+        signal = np.power(np.maximum(signal, 0.0), rng.uniform(*variation.gamma))
     magnitude = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)
     return np.clip(magnitude * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def generate_slice(rng: np.random.Generator, label: str, size: int = 256) -> np.ndarray:
+def generate_slice(
+    rng: np.random.Generator, label: str, size: int = 256, variation: Variation = DEFAULT
+) -> np.ndarray:
     """One synthetic T2 axial slice of class ``label`` as a (size, size) uint8 array."""
-    return render_phantom(rng, label, size).image
+    return render_phantom(rng, label, size, variation).image
 
 
 # --------------------------------------------------------------------------- landing zone
@@ -470,6 +565,7 @@ class PlannedImage:
     label: str
     index: int  # position within (split, label)
     path: str  # relative to the dataset root, e.g. ``train/Glioma T2/0001.png``
+    encoding: str = "png"  # a key of ENCODINGS
 
     @property
     def key(self) -> str:
@@ -500,10 +596,9 @@ def split_counts(n: int, test_fraction: float) -> tuple[int, int]:
     return n - test, test
 
 
-def _relative_path(split: str, label: str, index: int) -> str:
+def _relative_path(split: str, label: str, index: int, suffix: str) -> str:
     """Both landing-zone label conventions within each class: two in three files are numbered
     inside a class folder, the rest are named after their class directly in the split folder."""
-    suffix = _SUFFIXES[index % len(_SUFFIXES)]
     number = index + 1
     if (index // 2) % 3 == 2:
         return f"{split}/{label} ({number}){suffix}"
@@ -511,32 +606,63 @@ def _relative_path(split: str, label: str, index: int) -> str:
 
 
 def plan_dataset(
-    n_glioma: int = 346, n_meningioma: int = 329, test_fraction: float = 0.25
+    n_glioma: int = 346,
+    n_meningioma: int = 329,
+    test_fraction: float = 0.25,
+    variation: Variation = DEFAULT,
 ) -> list[PlannedImage]:
     """The files ``write_dataset`` writes for these counts, without rendering anything."""
     planned: list[PlannedImage] = []
+    cycle = variation.encodings
     for label, n in zip(CLASSES, (n_glioma, n_meningioma), strict=True):
         for split, count in zip(SPLITS, split_counts(n, test_fraction), strict=True):
-            planned += [
-                PlannedImage(split, label, i, _relative_path(split, label, i)) for i in range(count)
-            ]
+            for i in range(count):
+                encoding = cycle[i % len(cycle)]
+                path = _relative_path(split, label, i, ENCODINGS[encoding])
+                planned.append(PlannedImage(split, label, i, path, encoding))
     return planned
 
 
-def image_rng(seed: int, item: PlannedImage) -> np.random.Generator:
-    """The image's own stream, keyed by (seed, split, class, index) so order does not matter."""
+def image_rng(seed: int, item: PlannedImage, variation: Variation = DEFAULT) -> np.random.Generator:
+    """The image's own stream, keyed by (seed, split, class, index) so order does not matter;
+    another variation than the default gets streams of its own."""
     key = (SPLITS.index(item.split), CLASSES.index(item.label), item.index)
+    if variation.name != DEFAULT.name:
+        key += (list(VARIATIONS).index(variation.name),)
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=key))
 
 
 def encode_image(pixels: np.ndarray, jpeg: bool) -> bytes:
     """Grayscale PNG or JPEG (quality 90) bytes; deterministic for the same pixels."""
+    return encode_slice(pixels, "jpeg" if jpeg else "png")
+
+
+def encode_slice(pixels: np.ndarray, encoding: str) -> bytes:
+    """The (H, W) uint8 slice as file bytes in ``encoding`` (a key of ENCODINGS); deterministic.
+
+    RGBA: the background (the darkest grey levels) is fully transparent, the rest opaque, as
+    some viewers export; decoding composites it on black. Palette: 64 grey levels, posterised.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+    gray = np.ascontiguousarray(pixels, dtype=np.uint8)
     buffer = io.BytesIO()
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
-    if jpeg:
-        image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+    if encoding == "png-rgba":
+        alpha = np.where(gray < 8, 0, 255).astype(np.uint8)
+        Image.fromarray(np.stack([gray, gray, gray, alpha], -1), "RGBA").save(buffer, "PNG")
+    elif encoding == "png-palette":
+        step = 256 // _PALETTE_LEVELS
+        image = Image.fromarray(gray // step, "P")
+        levels = (np.arange(_PALETTE_LEVELS) * step + step // 2).astype(np.uint8)
+        image.putpalette(np.repeat(levels, 3).tolist())
+        image.save(buffer, "PNG")
+    elif encoding == "jpeg-rgb":
+        rgb = Image.fromarray(np.stack([gray] * 3, -1), "RGB")
+        rgb.save(buffer, "JPEG", quality=_JPEG_QUALITY)
+    elif encoding in ("jpeg", "jpg"):
+        Image.fromarray(gray).save(buffer, "JPEG", quality=_JPEG_QUALITY)
     else:
-        image.save(buffer, format="PNG")
+        Image.fromarray(gray).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -548,18 +674,31 @@ def write_dataset(
     test_fraction: float = 0.25,
     size: int = 256,
     progress: bool = True,
+    variation: str | Variation = "default",
 ) -> DatasetSummary:
     """Render and write a landing-zone tree ``out/{train,test}/...`` of labelled slices.
 
-    The same seed gives byte-identical files. Nothing but the images is written.
+    ``variation`` names one of VARIATIONS (``default`` or ``hard``). The same seed and variation
+    give byte-identical files. Nothing but the images is written.
     """
+    variation = variation_named(variation) if isinstance(variation, str) else variation
     root = Path(out)
-    planned = plan_dataset(n_glioma, n_meningioma, test_fraction)
+    planned = plan_dataset(n_glioma, n_meningioma, test_fraction, variation)
     counts = {split: dict.fromkeys(CLASSES, 0) for split in SPLITS}
     for item in tqdm(planned, desc="phantoms", unit="img", disable=not progress):
-        pixels = generate_slice(image_rng(seed, item), item.label, size)
+        pixels = generate_slice(image_rng(seed, item, variation), item.label, size, variation)
         target = root / item.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(encode_image(pixels, item.is_jpeg))
+        target.write_bytes(encode_slice(pixels, item.encoding))
         counts[item.split][item.label] += 1
     return DatasetSummary(root, counts, len(planned))
+
+
+def variation_named(name: str) -> Variation:
+    """The Variation called ``name``; a ValueError lists the known ones."""
+    try:
+        return VARIATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"phantom variation must be one of {sorted(VARIATIONS)}, got {name!r}"
+        ) from None

@@ -28,7 +28,15 @@ from mri_assets.core.metrics import png_markdown, training_curve_png
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.core.promotion import Standing, newest_version_trained_on
 from mri_assets.core.store import ModelStore
-from mri_assets.core.train import STRATEGIES, EpochMetrics, TrainConfig
+from mri_assets.core.train import (
+    DEFAULT_LEARNING_RATE,
+    PRETRAINED_RECIPE,
+    STRATEGIES,
+    EpochMetrics,
+    TrainConfig,
+    recipe_description,
+    recommended_config,
+)
 from mri_assets.defs.conventions import CODE_VERSION, GPU_STEP_TAGS, OWNERS, TAGS
 from mri_assets.resources import (
     ModelStoreResource,
@@ -86,27 +94,37 @@ def eager_after_frozen_sets() -> dg.AutomationCondition:
 
 
 _TRAIN_DEFAULTS = TrainConfig()
+# Launchpad fields left unset by default: the recipe that fits the base model picks them.
+RECIPE_FIELDS = frozenset(PRETRAINED_RECIPE) - {"strategy"}
 
 
 class FineTuneConfig(dg.Config):
     """How the candidate is trained (Launchpad: `fine_tuned_model` config).
 
     Fields, types and defaults are TrainConfig's (core/train.py); the checks are its own
-    `__post_init__`, run when Dagster builds this config. The strategy is an enum in the Launchpad
-    schema, so a wrong one is refused before a run starts; a value of the right type but out of
-    range (epochs 0, batch_size 1, ...) fails the step before any data is read or model loaded.
+    `__post_init__`, run when Dagster builds this config. The fields the recipe sets
+    (PRETRAINED_RECIPE's: epochs, learning rate, warm start, backbone learning rate) are unset by
+    default, and then take the value of the recipe that fits the base model
+    (train.recommended_config: from scratch for the embedded model, LP-FT for a checkpoint).
+    The strategy is an enum in the Launchpad schema, so a wrong one is refused before a run
+    starts; a value of the right type but out of range (epochs 0, batch_size 1, ...) fails the
+    step before any data is read or model loaded.
     """
 
     strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
         default=_TRAIN_DEFAULTS.strategy,
-        description="`full`: every weight trains, on lightly augmented images; `linear_probe`: "
+        description="`full`: every weight trains, on augmented images; `linear_probe`: "
         "the backbone is frozen and only the head trains, on cached embeddings.",
     )
-    epochs: int = Field(default=_TRAIN_DEFAULTS.epochs, description="Most epochs to train (>= 1).")
+    epochs: int | None = Field(
+        default=None,
+        description=f"Most epochs to train (>= 1); unset: {recipe_description('epochs')}.",
+    )
     learning_rate: float | None = Field(
-        default=_TRAIN_DEFAULTS.learning_rate,
-        description="Peak learning rate of the one-cycle schedule; unset: 3e-3 for `full`, "
-        "1e-2 for `linear_probe`.",
+        default=None,
+        description="Peak learning rate of the one-cycle schedule; unset: "
+        f"{recipe_description('learning_rate')} (`full`), "
+        f"{DEFAULT_LEARNING_RATE['linear_probe']:g} for `linear_probe`.",
     )
     batch_size: int = Field(
         default=_TRAIN_DEFAULTS.batch_size, description="Images per step (>= 2)."
@@ -132,30 +150,42 @@ class FineTuneConfig(dg.Config):
     )
     augment: bool = Field(
         default=_TRAIN_DEFAULTS.augment,
-        description="Random flips and affine jitter of the training images (`full` only).",
+        description="Random flips, rotation, scale, shift, contrast gamma, gain and shading of "
+        "the training images (`full` only; train.Augmentation).",
     )
     num_threads: int | None = Field(
         default=_TRAIN_DEFAULTS.num_threads,
         description="CPU threads torch may use (>= 1); unset: torch's default, one per core. "
         "1 is often faster on a busy shared machine.",
     )
-    probe_epochs: int = Field(
-        default=_TRAIN_DEFAULTS.probe_epochs,
+    probe_epochs: int | None = Field(
+        default=None,
         description="`full` only: epochs of linear probing (head only) before the whole network "
-        "trains (>= 0; 0 skips the warm start).",
+        f"trains (>= 0; 0 skips the warm start); unset: {recipe_description('probe_epochs')}.",
     )
-    backbone_lr_factor: float = Field(
-        default=_TRAIN_DEFAULTS.backbone_lr_factor,
-        description="`full` only: the backbone's learning rate as a share of the head's, in (0, 1].",
+    backbone_lr_factor: float | None = Field(
+        default=None,
+        description="`full` only: the backbone's learning rate as a share of the head's, in "
+        f"(0, 1]; unset: {recipe_description('backbone_lr_factor')}.",
     )
 
     @model_validator(mode="after")
     def _valid_for_training(self) -> "FineTuneConfig":
-        self.to_train_config()  # TrainConfig's own checks; its ValueError names the field
+        # TrainConfig's own checks, under both recipes; its ValueError names the field.
+        for pretrained in (False, True):
+            self.to_train_config(pretrained)
         return self
 
-    def to_train_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump())
+    def to_train_config(self, pretrained: bool) -> TrainConfig:
+        """The TrainConfig for a base model from scratch (False) or pretrained (True): the
+        recipe's values (train.recommended_config) where a recipe field is unset."""
+        values = self.model_dump()
+        overrides = {
+            name: value
+            for name, value in values.items()
+            if not (name in RECIPE_FIELDS and value is None)
+        }
+        return recommended_config(pretrained, **overrides)
 
 
 def base_model_version(fingerprint: str) -> str:
@@ -349,7 +379,12 @@ def base_model(
     automation_condition=eager_after_frozen_sets(),
     description=(
         "The base model evaluated on the current test set before any fine-tuning: the bar every "
-        "candidate must clear. One row in DuckDB `evaluations` per test-set version."
+        "candidate must clear by MRI_PROMOTION_MARGIN. A base whose two-class head is new (the "
+        "embedded model, or a checkpoint trained on other classes, such as ImageNet's) scores "
+        "every image 0.5, so its ROC AUC is 0.5: the bar is chance. A checkpoint that already "
+        "has a two-class head (a model fine-tuned earlier) is scored as it is: the bar is what it "
+        "does without retraining. Metadata `measures` says which. One row in DuckDB "
+        "`evaluations` per test-set version."
     ),
 )
 def baseline(
@@ -362,7 +397,11 @@ def baseline(
     base, version = load_base(settings, model_store)
     result = bench.evaluated(version, "baseline", base.model, base.preprocessing)
     return dg.MaterializeResult(
-        metadata=evaluation_metadata(result, bench.classes, "baseline"),
+        metadata={
+            **evaluation_metadata(result, bench.classes, "baseline"),
+            "measures": baseline_measures(base.fresh_head),
+            "base_model": base.spec,
+        },
         data_version=dg.DataVersion(f"{version}@{bench.test_set.version}"),
     )
 
@@ -396,10 +435,11 @@ def fine_tuned_model(
         raise dg.Failure(
             "the train set is empty: land scans under <landing>/train/ and materialize train_images"
         )
-    train_config = config.to_train_config()
     base, base_version = load_base(settings, model_store)
+    train_config = config.to_train_config(base.pretrained)
+    context.log.info(f"recipe: {recipe_name(base.pretrained)}; {train_config.to_dict()}")
     labels = [resolved.classes.index(label) for label in train_set.labels]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = fine_tune(
         base.model,
         base.preprocessing,
@@ -440,6 +480,8 @@ def fine_tuned_model(
         metadata={
             "model_version": version,
             "strategy": train_config.strategy,
+            "recipe": recipe_name(base.pretrained),
+            "train_config": train_config.to_dict(),
             "train_set_version": train_set.version,
             "train_images": result.n_train,
             "validation_images": result.n_validation,
@@ -448,6 +490,9 @@ def fine_tuned_model(
             "validation_auc": best.val_auc,
             **statistics_metadata(statistics),
             "training_seconds": round(time.perf_counter() - started, 1),
+            # CPU time of this process's threads: unlike the wall time, it barely grows when
+            # other programs share the machine.
+            "training_cpu_seconds": round(time.process_time() - cpu_started, 1),
             "epochs": dg.MetadataValue.md(epochs_markdown(result.epochs)),
             "training_curve": dg.MetadataValue.md(training_curve_markdown(result.epochs)),
         },
@@ -469,6 +514,30 @@ def statistics_metadata(statistics) -> dict:
         or f"Mahalanobis distance, {ood.percentile:g}th percentile of {ood.fitted_on} "
         "train and validation images",
     }
+
+
+def recipe_name(pretrained: bool) -> str:
+    """The training recipe train.recommended_config picks, in words."""
+    if pretrained:
+        return (
+            "pretrained base: linear-probe warm start, then the whole network with a lower "
+            "backbone learning rate (LP-FT)"
+        )
+    return "from scratch: the whole network, on augmented images"
+
+
+def baseline_measures(fresh_head: bool) -> str:
+    """What the baseline's figures mean, for the UI."""
+    if fresh_head:
+        return (
+            "chance: the base model's two-class head is new and untrained (zeroed where it is "
+            "one linear layer, so every image scores 0.5 and ROC AUC is 0.5); a candidate must "
+            "beat that by the promotion margin"
+        )
+    return (
+        "the base checkpoint's own two-class head, without retraining: a candidate must beat "
+        "it by the promotion margin"
+    )
 
 
 def epochs_markdown(epochs: Sequence[EpochMetrics]) -> str:

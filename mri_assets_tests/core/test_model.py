@@ -114,6 +114,7 @@ def test_local_folder_keeps_its_backbone_and_gets_a_fresh_two_class_head(tmp_pat
     assert torch.count_nonzero(base.model.classifier[1].weight) == 0  # replaced head starts at zero
     assert base.preprocessing == Preprocessing(48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert base.source == str(folder)
+    assert base.fresh_head and base.pretrained
 
 
 def test_local_folder_without_processor_config_gets_imagenet_defaults(tmp_path: Path) -> None:
@@ -132,6 +133,37 @@ def test_local_two_class_folder_keeps_its_trained_head(tmp_path: Path) -> None:
     base = load_base_model(str(folder), CLASSES, tmp_path / "base")
 
     assert weights_fingerprint(base.model) == weights_fingerprint(saved)
+    assert not base.fresh_head  # the baseline then measures this head, not chance
+
+
+def test_a_hub_id_is_read_from_the_hub_cache_with_hf_hub_offline(tmp_path: Path) -> None:
+    """A hub id loads with no network once it is in the hub cache (laid out as huggingface_hub
+    writes it: refs/main names the snapshot), with a fresh head and the cached processor."""
+    repo = tmp_path / "hf" / "hub" / "models--example-org--tiny-resnet"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    save_folder(tiny_resnet(num_labels=1000), repo / "snapshots" / commit, size=40)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "from mri_assets.core.labels import ClassSpec\n"
+        "from mri_assets.core.model import load_base_model\n"
+        "base = load_base_model('example-org/tiny-resnet', ClassSpec(), 'base')\n"
+        "head = base.model.classifier[1].weight\n"
+        "print(base.model.config.num_labels, base.fresh_head, base.preprocessing.image_size,\n"
+        "      int(head.abs().sum() == 0), base.pretrained)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.stdout.split() == ["2", "True", "40", "1", "True"], done.stderr
 
 
 class _Tripwire:

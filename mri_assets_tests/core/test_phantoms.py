@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -10,15 +11,19 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from mri_assets.core.images import decode_image
 from mri_assets.core.labels import ClassSpec, resolve_label
 from mri_assets.core.phantoms import (
     CLASSES,
+    VARIATIONS,
     DatasetSummary,
+    encode_slice,
     generate_slice,
     image_rng,
     plan_dataset,
     render_phantom,
     split_counts,
+    variation_named,
     write_dataset,
 )
 
@@ -212,6 +217,101 @@ def test_meningiomas_rest_on_the_inner_skull_table() -> None:
 
 def test_overall_brightness_does_not_give_the_class_away() -> None:
     means = {label: [p.image.mean() for p in _phantoms(label, 40, 64)] for label in CLASSES}
+    scores = means["glioma"] + means["meningioma"]
+    truth = [0] * len(means["glioma"]) + [1] * len(means["meningioma"])
+    assert 0.3 < roc_auc_score(truth, scores) < 0.7
+
+
+# --------------------------------------------------------------------------- hard variation
+
+HARD = VARIATIONS["hard"]
+
+
+def _hard_phantoms(label: str, count: int = 16, size: int = 128):
+    items = [item for item in plan_dataset(count, count, 0.0, HARD) if item.label == label]
+    return [render_phantom(image_rng(11, item, HARD), label, size, HARD) for item in items]
+
+
+def test_hard_files_come_in_every_encoding_and_decode_to_the_same_gray_slice(
+    tmp_path: Path,
+) -> None:
+    write_dataset(tmp_path, seed=0, variation="hard", **{**SMALL, "n_glioma": 8})
+    modes = Counter()
+    for item in plan_dataset(8, 5, variation=HARD):
+        data = (tmp_path / item.path).read_bytes()
+        with Image.open(tmp_path / item.path) as image:
+            modes[(image.format, image.mode)] += 1
+        decoded = decode_image(data).pixels
+        assert decoded.shape == (128, 128, 3)
+        # Every encoding stores a gray slice: the channels agree up to JPEG chroma rounding.
+        assert np.abs(decoded.astype(int) - decoded[..., :1]).max() <= 3
+    assert set(modes) == {
+        ("PNG", "L"),
+        ("JPEG", "L"),
+        ("PNG", "RGBA"),
+        ("JPEG", "RGB"),
+        ("PNG", "P"),
+    }
+
+
+def test_an_rgba_slice_has_a_transparent_background_that_decodes_black() -> None:
+    pixels = generate_slice(np.random.default_rng(0), "glioma", 64, HARD)
+    data = encode_slice(pixels, "png-rgba")
+    with Image.open(io.BytesIO(data)) as image:
+        alpha = np.asarray(image)[..., 3]
+    assert set(np.unique(alpha)) == {0, 255}
+    decoded = decode_image(data).pixels[..., 0]
+    assert (decoded[alpha == 0] == 0).all()
+    assert np.array_equal(decoded[alpha == 255], pixels[alpha == 255])
+
+
+def test_unknown_encoding_and_variation_are_refused() -> None:
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        encode_slice(np.zeros((4, 4), np.uint8), "gif")
+    with pytest.raises(ValueError, match="variation must be one of"):
+        variation_named("harder")
+
+
+def test_hard_slices_vary_more_in_pose_and_contrast_than_default_ones() -> None:
+    from mri_assets.core.phantoms import DEFAULT, _random_head
+
+    def tilts(variation) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        return np.degrees([abs(_random_head(rng, variation).angle) for _ in range(400)])
+
+    assert 15 < tilts(HARD).max() <= 20 and tilts(DEFAULT).max() <= 10
+    brightness = {
+        name: np.array([p.image[p.intracranial].mean() for p in phantoms])
+        for name, phantoms in (
+            ("default", _phantoms("glioma", 24) + _phantoms("meningioma", 24)),
+            ("hard", _hard_phantoms("glioma", 24) + _hard_phantoms("meningioma", 24)),
+        )
+    }
+    # Gamma, gain and stronger bias spread the brain's brightness between slices.
+    assert brightness["hard"].std() > 1.5 * brightness["default"].std()
+
+
+def test_hard_slices_are_flipped_with_their_masks() -> None:
+    # Flips move the lesion with the image: the core is brighter than the brain around it.
+    flipped_sides = set()
+    for phantom in _hard_phantoms("meningioma", 12):
+        core = phantom.lesion > 0.5
+        assert core.sum() > 10
+        assert (_grow(core, 1) & ~phantom.intracranial).any()  # still on the inner table
+        ys, xs = np.nonzero(phantom.intracranial)
+        flipped_sides.add(bool(np.nonzero(core)[0].mean() > ys.mean()))
+    assert flipped_sides == {True, False}
+
+
+def test_hard_gliomas_stay_inside_the_brain() -> None:
+    for phantom in _hard_phantoms("glioma"):
+        core = phantom.lesion > 0.5
+        assert core.sum() > 10
+        assert not (core & ~phantom.intracranial).any()
+
+
+def test_hard_brightness_does_not_give_the_class_away_either() -> None:
+    means = {label: [p.image.mean() for p in _hard_phantoms(label, 40, 64)] for label in CLASSES}
     scores = means["glioma"] + means["meningioma"]
     truth = [0] * len(means["glioma"]) + [1] * len(means["meningioma"])
     assert 0.3 < roc_auc_score(truth, scores) < 0.7

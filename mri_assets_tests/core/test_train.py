@@ -435,3 +435,44 @@ def test_mixed_precision_path_trains_and_predicts(base, train_set, test_set) -> 
     assert held_out_auc(mixed, test_set) > 0.95
     assert np.abs(probs - float32_probs).max() < 0.05  # bfloat16 rounding, not another answer
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in mixed.model.parameters())
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _augmentation_batch() -> torch.Tensor:
+    from mri_assets.core.model import Preprocessing, preprocess_pixels
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(64)]
+    for image in pixels:
+        image[:6, :6] = 255  # a bright top-left corner, to see where flips take it
+    return preprocess_pixels(pixels, Preprocessing(24))
+
+
+def test_augmentation_is_seeded_and_flips_both_ways() -> None:
+    from mri_assets.core.model import Preprocessing
+    from mri_assets.core.train import Augmentation, augment_batch
+
+    batch = _augmentation_batch()
+    only_flips = Augmentation(max_rotation=0.0, scale=(1.0, 1.0), max_shift=0.0)
+    first = augment_batch(batch, torch.Generator().manual_seed(3), None, only_flips)
+    again = augment_batch(batch, torch.Generator().manual_seed(3), None, only_flips)
+    other = augment_batch(batch, torch.Generator().manual_seed(4), None, only_flips)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    corners = {
+        (
+            bool(image[0, :6, :6].mean() > image[0, :6, -6:].mean()),
+            bool(image[0, :6, :6].mean() > image[0, -6:, :6].mean()),
+        )
+        for image in first
+    }
+    assert len(corners) == 4  # unflipped, left-right, front-back and both, in 64 draws
+    # With the normalisation known, contrast, gain and shading change too, within 0..1.
+    preprocessing = Preprocessing(24)
+    varied = augment_batch(batch, torch.Generator().manual_seed(3), preprocessing, only_flips)
+    assert not torch.allclose(varied, first)
+    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
+    restored = varied * std + mean
+    assert restored.min() >= -1e-5 and restored.max() <= 1 + 1e-5

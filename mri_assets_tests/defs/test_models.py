@@ -1,9 +1,11 @@
 """The model chain on small generated data: baseline, fine-tuning, evaluation, promotion."""
 
+import json
 import shutil
 
 import dagster as dg
 import duckdb
+import numpy as np
 import pytest
 
 from mri_assets.core.phantoms import write_dataset
@@ -191,13 +193,24 @@ def test_single_class_test_set_is_refused_with_a_clear_reason(mri_env, small_dat
 def test_launchpad_config_is_train_config_with_help_text():
     from dataclasses import asdict, fields
 
-    from mri_assets.core.train import TrainConfig
+    from mri_assets.core.train import TrainConfig, recommended_config
     from mri_assets.defs.models import FineTuneConfig
 
-    assert FineTuneConfig().to_train_config() == TrainConfig()
+    assert FineTuneConfig().to_train_config(pretrained=False) == TrainConfig()
+    assert FineTuneConfig().to_train_config(pretrained=True) == recommended_config(True)
     assert list(FineTuneConfig.model_fields) == [f.name for f in fields(TrainConfig)]
     assert all(field.description for field in FineTuneConfig.model_fields.values())
-    assert asdict(FineTuneConfig(epochs=3, augment=False).to_train_config())["augment"] is False
+    chosen = FineTuneConfig(epochs=3, augment=False)
+    assert asdict(chosen.to_train_config(False))["augment"] is False
+    # A value set in the Launchpad wins over either recipe; unset ones follow the base's recipe.
+    assert chosen.to_train_config(True).epochs == chosen.to_train_config(False).epochs == 3
+    assert chosen.to_train_config(True).probe_epochs == recommended_config(True).probe_epochs
+    # Another strategy than the recipe's starts from TrainConfig's defaults for it.
+    probe = FineTuneConfig(strategy="linear_probe").to_train_config(True)
+    assert probe == TrainConfig(strategy="linear_probe")
+    assert (
+        str(recommended_config(False).epochs) in FineTuneConfig.model_fields["epochs"].description
+    )
 
 
 def test_launchpad_refuses_a_wrong_strategy_before_a_run_starts():
@@ -219,3 +232,67 @@ def test_an_out_of_range_value_fails_before_anything_is_trained(mri_env):
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "validation_fraction must be in [0, 0.5)" in str(failure.event_specific_data.error)
     assert not (mri_env / "models" / "versions").exists()
+
+
+def _separable_scans(landing, counts: dict[str, int], size: int = 48) -> None:
+    """Scans a model learns in one go (gliomas dark, meningiomas bright, each with its own noise):
+    the test below is about the plumbing of a pretrained base, not about telling tumours apart."""
+    from mri_assets.core.phantoms import encode_image
+
+    rng = np.random.default_rng(0)
+    for split, count in counts.items():
+        for label, level in (("glioma", 60), ("meningioma", 190)):
+            for index in range(count):
+                pixels = np.clip(rng.normal(level, 20, (size, size)), 0, 255).astype(np.uint8)
+                target = landing / split / f"{label} ({index + 1}).png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(encode_image(pixels, jpeg=False))
+
+
+def test_a_resnet50_shaped_checkpoint_trains_with_its_recipe_and_is_promoted_and_served(
+    mri_env, tmp_path, monkeypatch, capsys
+):
+    """MRI_BASE_MODEL names a save_pretrained folder of a ResNet-50-shaped ImageNet-style model
+    (1000 classes, random weights): it loads with a fresh two-class head, trains with the
+    pretrained recipe (linear-probe warm start, then the whole network at a lower backbone
+    learning rate) for an epoch at a small size, is evaluated, promoted and served."""
+    from mri_assets.cli import main as cli_main
+    from mri_assets.core.model import (
+        RESNET50_ARCHITECTURE,
+        Preprocessing,
+        random_resnet,
+        save_preprocessing,
+    )
+    from mri_assets.core.train import PRETRAINED_RECIPE
+
+    folder = tmp_path / "resnet-50-random"
+    random_resnet(RESNET50_ARCHITECTURE, num_labels=1000).save_pretrained(folder)
+    save_preprocessing(Preprocessing(64), folder)
+    monkeypatch.setenv("MRI_BASE_MODEL", str(folder))
+    _separable_scans(mri_env / "landing", {"train": 12, "test": 6})
+    training = {"epochs": 1, "probe_epochs": 2, "image_size": 32, "batch_size": 8}
+
+    with dg.instance_for_test() as instance:
+        result = run(instance, training)
+
+    base = meta(result, "base_model")
+    assert base["architecture"] == "ResNetForImageClassification" and base["parameters"] > 2e7
+    baseline = meta(result, "baseline")
+    assert baseline["roc_auc"] == 0.5 and baseline["measures"].startswith("chance")
+    trained = meta(result, "fine_tuned_model")
+    assert trained["recipe"].startswith("pretrained base")
+    config = trained["train_config"]
+    assert config["learning_rate"] == PRETRAINED_RECIPE["learning_rate"]
+    assert config["backbone_lr_factor"] == PRETRAINED_RECIPE["backbone_lr_factor"]
+    assert (config["epochs"], config["probe_epochs"], config["image_size"]) == (1, 2, 32)
+    assert trained["epochs_run"] == 3  # two linear-probe epochs, then one of the whole network
+    candidate = meta(result, "candidate_evaluation")
+    assert candidate["decision"] == "promote" and candidate["roc_auc"] > 0.9, candidate
+    store = ModelStore(mri_env / "models")
+    assert store.deployed()["version"] == trained["model_version"]
+
+    capsys.readouterr()
+    scans = sorted((mri_env / "landing" / "test").glob("*.png"))
+    assert cli_main(["predict", "--json", *map(str, scans)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["label"] for a in answers] == [p.name.split(" ")[0] for p in scans]
