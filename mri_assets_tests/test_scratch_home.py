@@ -12,7 +12,12 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.events import EngineEventData
 
-from mri_assets.launcher import SCRATCH_HOME_TAG, SCRATCH_PREFIX, LocalRunLauncher
+from mri_assets.launcher import (
+    SCRATCH_HOME_TAG,
+    SCRATCH_PREFIX,
+    SUPERVISOR_PID_TAG,
+    LocalRunLauncher,
+)
 
 # A stand-in run worker: writes into its MRI_HOME, says where it is, then waits to be ended.
 WORKER = """
@@ -117,3 +122,21 @@ def test_a_killed_supervisor_takes_the_worker_with_it_and_the_health_check_remov
         health = launcher.check_run_worker_health(instance.get_run_by_id(run.run_id))
     assert health.status.value == "FAILED" and f"pid {pid}" in health.msg
     assert not home.exists()
+
+
+def test_terminating_a_run_ends_its_worker_and_removes_the_folder(tmp_path):
+    home = scratch_home(tmp_path)
+    supervisor = supervise(home, "wait")
+    pid = worker_pid(home)
+    config = {"module": "mri_assets.launcher", "class": "LocalRunLauncher"}
+    config["config"] = {"scratch_home_per_run": True}
+    with dg.instance_for_test(overrides={"run_launcher": config}) as instance:
+        run = instance.create_run_for_job(
+            dg.GraphDefinition("empty").to_job(),
+            tags={SCRATCH_HOME_TAG: str(home), SUPERVISOR_PID_TAG: str(supervisor.pid)},
+        )
+        assert instance.run_launcher.terminate(run.run_id)
+        assert supervisor.wait(timeout=30) == -signal.SIGTERM & 0xFF
+        wait_gone(pid)
+        assert not home.exists()
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELING
