@@ -73,15 +73,15 @@ class LocalRunLauncher(dg.DefaultRunLauncher):
         if not self.scratch_home_per_run:
             return super().launch_run(context)
         run = context.dagster_run
-        if self.scratch_root:
-            Path(self.scratch_root).mkdir(parents=True, exist_ok=True)
-        home = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{run.run_id[:8]}-", dir=self.scratch_root)
         command = ExecuteRunArgs(
             job_origin=run.job_code_origin,
             run_id=run.run_id,
             instance_ref=self._instance.get_ref(),
             set_exit_code_on_failure=True,
         ).get_command_args()
+        if self.scratch_root:
+            Path(self.scratch_root).mkdir(parents=True, exist_ok=True)
+        home = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{run.run_id[:8]}-", dir=self.scratch_root)
         try:
             supervisor = subprocess.Popen(
                 [sys.executable, "-m", "mri_assets.scratch_home", home, "--", *command],
