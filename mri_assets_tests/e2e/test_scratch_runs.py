@@ -178,6 +178,14 @@ def test_every_run_in_its_own_scratch_home_reaches_a_served_model(server, tmp_pa
     # Nothing was left in the MRI_HOME of the code server, the daemon and the sensors.
     left = sorted(str(p.relative_to(server.mri_home)) for p in server.mri_home.rglob("*"))
     assert left == [], left
+    # DAGSTER_HOME holds its config and the steps' captured stdout/stderr (compute logs, local:
+    # README), nothing else: no SQLite storage, no pickled outputs of an fs_io_manager.
+    kept = [
+        str(p.relative_to(server.dagster_home))
+        for p in server.dagster_home.rglob("*")
+        if p.is_file() and "compute_logs" not in p.parts and p.name != "dagster.yaml"
+    ]
+    assert kept == [], kept
 
     # What the runs made durable is in the bucket.
     s3 = s3_client(server.endpoint)
