@@ -284,7 +284,7 @@ class Settings:
         return self.home / "models"
 
     def remote(self, folder: str) -> S3Objects | None:
-        """``folder`` (``models``, ``pixels``, ``embeddings``) of the MRI_STORE bucket, or None
+        """``folder`` (``models``, ``pixels``, ``embeddings``, ``saliency``) of the MRI_STORE bucket, or None
         when durable state is local (the default)."""
         if not self.store:
             return None

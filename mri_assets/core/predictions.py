@@ -159,7 +159,9 @@ def to_explain(frame: pd.DataFrame, limit: int = MAX_EXPLAINED) -> pd.DataFrame:
     chosen = pd.concat(
         [
             frame[flagged].sort_values("ood_score", ascending=False),
-            frame[~flagged & (confidence < LOW_CONFIDENCE)].assign(_c=confidence).sort_values("_c"),
+            # Assigned before filtering: a Series assigned to an empty frame would bring its index
+            # (every row) along, as rows of NaN.
+            frame.assign(_c=confidence)[~flagged & (confidence < LOW_CONFIDENCE)].sort_values("_c"),
         ]
     )
     return chosen.drop(columns="_c", errors="ignore").drop_duplicates("sha256").head(limit)

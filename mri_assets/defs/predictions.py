@@ -94,8 +94,11 @@ def predictions(
     new = frame[~frame["sha256"].isin(seen_before)].drop_duplicates("sha256")
     verdict = drift_verdict(list(new["ood_flag"]), resolved.ood_drift_share)
     explained = to_explain(frame)
+    # With MRI_STORE in a bucket the overlays go there too: MRI_HOME may be a run's scratch folder.
+    remote = resolved.remote("saliency")
+    remote = remote.child(served.version) if remote else None
     overlays = write_overlays(
-        served, explained, cache, resolved.saliency_dir / served.version, resolved.device
+        served, explained, cache, resolved.saliency_dir / served.version, resolved.device, remote
     )
     with warehouse.connection() as conn:
         record_predictions(conn, frame)
@@ -124,7 +127,9 @@ def predictions(
             "ood_threshold": statistics.ood.threshold if statistics.ood else None,
             "ood_note": statistics.ood_unavailable or "",
             "scoring_seconds": round(scoring_seconds, 2),
-            "saliency_folder": str(resolved.saliency_dir / served.version),
+            "saliency_folder": (
+                remote.location if remote else str(resolved.saliency_dir / served.version)
+            ),
             "explained": dg.MetadataValue.md(overlays or "_(nothing flagged or uncertain)_"),
         },
         check_results=[
@@ -145,9 +150,10 @@ def predictions(
     )
 
 
-def write_overlays(served, explained, cache, folder, device) -> str:
-    """Grad-CAM overlays of ``explained`` as PNG files in ``folder`` (one per content); the
-    markdown shows the first INLINE_OVERLAYS as thumbnails and lists the rest by path."""
+def write_overlays(served, explained, cache, folder, device, remote=None) -> str:
+    """Grad-CAM overlays of ``explained`` as PNG files in ``folder`` (one per content), and in
+    ``remote`` (S3Objects) if given; the markdown shows the first INLINE_OVERLAYS as thumbnails
+    and lists the rest by path (their S3 URL with ``remote``)."""
     from mri_assets.core.saliency import grad_cam, overlay_png
 
     if not len(explained):
@@ -161,14 +167,17 @@ def write_overlays(served, explained, cache, folder, device) -> str:
         zip(explained.itertuples(), images, maps, strict=True)
     ):
         path = folder / f"{row.sha256}.png"
-        path.write_bytes(overlay_png(image, saliency))
+        overlay = overlay_png(image, saliency)
+        path.write_bytes(overlay)
+        if remote:
+            remote.put_bytes(path.name, overlay)
         why = "flagged" if row.ood_flag else "low confidence"
         caption = f"{row.source_key}: {row.label} ({why})"
         if number < INLINE_OVERLAYS:
             thumbnail = overlay_png(image, saliency, max_side=THUMBNAIL_SIDE)
             lines.append(f"{png_markdown(thumbnail, caption)}  \n{caption}")
         else:
-            lines.append(f"- {caption}: `{path}`")
+            lines.append(f"- {caption}: `{remote.url(path.name) if remote else path}`")
     return "\n\n".join(lines)
 
 

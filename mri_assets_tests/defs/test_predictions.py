@@ -3,6 +3,7 @@ DuckDB `predictions` (one row per scan and model version), with the drift check.
 
 import io
 
+import boto3
 import dagster as dg
 import duckdb
 import numpy as np
@@ -18,6 +19,7 @@ from mri_assets.core.store import ModelStore
 from mri_assets.defs.ingest import raw_image_assets
 from mri_assets.defs.predictions import predictions
 from mri_assets.defs.tables import rejected_images
+from mri_assets.settings import Settings
 from mri_assets_tests.defs.helpers import (
     declared_columns,
     duckdb_columns,
@@ -170,3 +172,22 @@ def test_predictions_without_a_deployed_model_say_what_to_do(mri_env):
     assert not result.success
     failure = [e for e in result.all_events if e.is_step_failure][0]
     assert "no model is deployed" in failure.step_failure_data.error.message
+
+
+def test_with_the_store_in_a_bucket_the_overlays_are_kept_there(mri_env, s3_bucket, monkeypatch):
+    # MRI_HOME may be a run's scratch folder, removed when the run ends (launcher.py).
+    monkeypatch.setenv("MRI_STORE", f"s3://{s3_bucket}/state")
+    settings = Settings.from_env()
+    version = deploy_version(ModelStore(settings.model_store_dir, settings.remote("models")))
+    land_inbox(LocalLanding(mri_env / "landing"))
+    with dg.instance_for_test() as instance:
+        result = materialize(ASSETS, resources_for(), instance)
+    scored = metadata(result, "predictions")
+    folder = f"s3://{s3_bucket}/state/saliency/{version}"
+    assert scored["saliency_folder"] == folder
+    local = sorted(p.name for p in (mri_env / "saliency" / version).glob("*.png"))
+    listed = boto3.client("s3").list_objects_v2(
+        Bucket=s3_bucket, Prefix=f"state/saliency/{version}/"
+    )
+    in_bucket = sorted(o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", []))
+    assert len(local) >= 2 and in_bucket == local
