@@ -38,6 +38,7 @@ INGEST = "ingest"
 EXPECTED_PROFILE = {
     "raw_train_images": INGEST,
     "raw_test_images": INGEST,
+    "raw_inbox_images": INGEST,
     "images": INGEST,
     "rejected_images": INGEST,
     "train_images": INGEST,
@@ -47,6 +48,7 @@ EXPECTED_PROFILE = {
     "fine_tuned_model": GPU,
     "candidate_evaluation": GPU,
     "deployed_model": None,
+    "predictions": GPU,
 }
 
 

@@ -23,7 +23,7 @@ from mri_assets.core.predictions import (
     scored_contents,
     to_explain,
 )
-from mri_assets.defs.conventions import CODE_VERSION, OWNERS, TAGS
+from mri_assets.defs.conventions import CODE_VERSION, GPU_STEP_TAGS, OWNERS, TAGS
 from mri_assets.defs.deployment import deployed_model
 from mri_assets.defs.ingest import raw_images_key
 from mri_assets.resources import (
@@ -43,6 +43,7 @@ THUMBNAIL_SIDE = 160
     group_name="predictions",
     owners=OWNERS,
     tags=TAGS,
+    op_tags=GPU_STEP_TAGS,  # scoring and Grad-CAM run the model: on a cluster, a GPU node
     code_version=CODE_VERSION,
     deps=[deployed_model, raw_images_key(catalog.INBOX)],
     kinds={"pytorch", "duckdb"},
