@@ -7,6 +7,7 @@ from mri_assets.defs.alerts import alert_sensors
 from mri_assets.defs.deployment import deployment_assets, deployment_checks
 from mri_assets.defs.ingest import landing_sensors, raw_image_assets
 from mri_assets.defs.models import model_assets
+from mri_assets.defs.pools import pool_watchdog
 from mri_assets.defs.predictions import prediction_assets
 from mri_assets.defs.tables import table_assets, table_checks
 from mri_assets.resources import (
@@ -53,7 +54,7 @@ defs = dg.Definitions(
         *prediction_assets,
     ],
     asset_checks=[*table_checks, *deployment_checks],
-    sensors=[*landing_sensors, automation_sensor, *alert_sensors],
+    sensors=[*landing_sensors, automation_sensor, *alert_sensors, pool_watchdog],
     resources=build_resources(),
     # Steps of a run share its process: a step's own process would re-import Dagster, torch and
     # transformers (seconds each), and on two cores the steps gain nothing from running side by

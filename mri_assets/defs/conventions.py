@@ -12,6 +12,10 @@ CODE_VERSION = code_version()
 # Kubernetes: what each step's pod asks for, read by dagster-k8s when each step is its own pod
 # (`k8s_job_executor`, mri_assets/kubernetes.py); on one machine these tags change nothing.
 # https://docs.dagster.io/deployment/guides/kubernetes/customizing-your-deployment
+# The pool of the steps that write the catalogue: dagster.yaml gives it one slot (DuckDB's one
+# writer). defs/pools.py watches it.
+DUCKDB_POOL = "duckdb"
+
 K8S_CONFIG_TAG = "dagster-k8s/config"
 # Decodes in flight hold at most 1 GiB (core/ingest.py's budget), plus DuckDB and the listing.
 INGEST_STEP_TAGS = {

@@ -23,7 +23,13 @@ from mri_assets.core import catalog
 from mri_assets.core.ingest import EmptyListingRefused, ingest_new_objects, settled_listing
 from mri_assets.core.landing import LANDING_FOLDERS, listing_digest
 from mri_assets.core.landing_events import LandingChange, changes_digest
-from mri_assets.defs.conventions import CODE_VERSION, INGEST_STEP_TAGS, OWNERS, TAGS
+from mri_assets.defs.conventions import (
+    CODE_VERSION,
+    DUCKDB_POOL,
+    INGEST_STEP_TAGS,
+    OWNERS,
+    TAGS,
+)
 from mri_assets.resources import (
     LandingZoneResource,
     MriSettingsResource,
@@ -89,7 +95,7 @@ def build_raw_images_asset(split: str) -> dg.AssetsDefinition:
         op_tags=INGEST_STEP_TAGS,
         code_version=CODE_VERSION,
         kinds={"python", "duckdb", "s3"},
-        pool="duckdb",
+        pool=DUCKDB_POOL,
         retry_policy=STEP_RETRY_POLICY,
         metadata=column_schema(catalog.LANDED_IMAGES_COLUMNS),  # its rows in `landed_images`
         description=(

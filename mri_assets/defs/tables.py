@@ -6,7 +6,7 @@ import pandas as pd
 from mri_assets.core import catalog
 from mri_assets.core.images import NEAR_DUPLICATE_BITS, near_duplicate_pairs
 from mri_assets.core.landing import SPLITS
-from mri_assets.defs.conventions import CODE_VERSION, INGEST_STEP_TAGS, OWNERS, TAGS
+from mri_assets.defs.conventions import CODE_VERSION, DUCKDB_POOL, INGEST_STEP_TAGS, OWNERS, TAGS
 from mri_assets.defs.ingest import STEP_RETRY_POLICY, raw_images_key
 from mri_assets.resources import MriSettingsResource, WarehouseResource, column_schema
 
@@ -22,7 +22,7 @@ TABLE_ASSET = {
     "op_tags": INGEST_STEP_TAGS,
     "code_version": CODE_VERSION,
     "kinds": {"duckdb", "table"},
-    "pool": "duckdb",
+    "pool": DUCKDB_POOL,
     "retry_policy": STEP_RETRY_POLICY,
     "automation_condition": dg.AutomationCondition.eager(),
 }
