@@ -288,32 +288,10 @@ def record_ingest(
             _record_removals(conn, removed)
         inbox = accepted["split_folder"] == INBOX if len(accepted) else None
         if inbox is not None and inbox.any():
-            _record_inbox(conn, accepted[inbox])
+            _upsert_images(conn, "inbox_images", accepted[inbox], ())
             accepted = accepted[~inbox]
         if len(accepted):
-            conn.register("batch_accepted", accepted)
-            # A rewritten key keeps its first_seen (the update leaves it out): the image's place
-            # in the split is unchanged.
-            conn.execute(
-                """
-                INSERT INTO landed_images BY NAME
-                SELECT source_key, split_folder, sha256, label, width, height, source_mode,
-                       source_format, size_bytes, processed_at AS first_seen,
-                       processed_at AS updated_at, pixel_sha256, perceptual_hash, modality,
-                       series_description, pixel_spacing_mm, series_uid_sha256
-                FROM batch_accepted
-                ON CONFLICT (source_key) DO UPDATE SET
-                    sha256 = excluded.sha256, label = excluded.label, width = excluded.width,
-                    height = excluded.height, source_mode = excluded.source_mode,
-                    source_format = excluded.source_format, size_bytes = excluded.size_bytes,
-                    updated_at = excluded.updated_at, pixel_sha256 = excluded.pixel_sha256,
-                    perceptual_hash = excluded.perceptual_hash, modality = excluded.modality,
-                    series_description = excluded.series_description,
-                    pixel_spacing_mm = excluded.pixel_spacing_mm,
-                    series_uid_sha256 = excluded.series_uid_sha256
-                """
-            )
-            conn.unregister("batch_accepted")
+            _upsert_images(conn, "landed_images", accepted, ("split_folder", "label"))
         if len(rejected):
             conn.register("batch_rejected", rejected)
             conn.execute(
@@ -342,28 +320,40 @@ def record_ingest(
         raise
 
 
-def _record_inbox(conn, accepted: pd.DataFrame) -> None:
-    """Upsert accepted inbox scans into ``inbox_images`` (no label: they are to be scored)."""
-    conn.register("batch_inbox", accepted)
+# What ingest records of every accepted image, in landed_images and inbox_images alike.
+_IMAGE_FIELDS = (
+    "sha256",
+    "width",
+    "height",
+    "source_mode",
+    "source_format",
+    "size_bytes",
+    "pixel_sha256",
+    "perceptual_hash",
+    "modality",
+    "series_description",
+    "pixel_spacing_mm",
+    "series_uid_sha256",
+)
+
+
+def _upsert_images(conn, table: str, accepted: pd.DataFrame, own_fields: tuple[str, ...]) -> None:
+    """Upsert accepted images into ``table`` by source_key: ``landed_images`` (own fields
+    split_folder and label) or ``inbox_images`` (none: unlabelled scans, to be scored). A
+    rewritten key keeps its first_seen (the update leaves it out): its place is unchanged."""
+    fields = (*own_fields, *_IMAGE_FIELDS)
+    updates = ", ".join(f"{name} = excluded.{name}" for name in (*fields, "updated_at"))
+    conn.register("batch_images", accepted)
     conn.execute(
-        """
-        INSERT INTO inbox_images BY NAME
-        SELECT source_key, sha256, width, height, source_mode, source_format, size_bytes,
-               processed_at AS first_seen, processed_at AS updated_at, pixel_sha256,
-               perceptual_hash, modality, series_description, pixel_spacing_mm,
-               series_uid_sha256
-        FROM batch_inbox
-        ON CONFLICT (source_key) DO UPDATE SET
-            sha256 = excluded.sha256, width = excluded.width, height = excluded.height,
-            source_mode = excluded.source_mode, source_format = excluded.source_format,
-            size_bytes = excluded.size_bytes, updated_at = excluded.updated_at,
-            pixel_sha256 = excluded.pixel_sha256, perceptual_hash = excluded.perceptual_hash,
-            modality = excluded.modality, series_description = excluded.series_description,
-            pixel_spacing_mm = excluded.pixel_spacing_mm,
-            series_uid_sha256 = excluded.series_uid_sha256
+        f"""
+        INSERT INTO {table} BY NAME
+        SELECT source_key, {", ".join(fields)},
+               processed_at AS first_seen, processed_at AS updated_at
+        FROM batch_images
+        ON CONFLICT (source_key) DO UPDATE SET {updates}
         """
     )
-    conn.unregister("batch_inbox")
+    conn.unregister("batch_images")
 
 
 def _record_removals(conn, removed: pd.DataFrame) -> None:
