@@ -57,11 +57,14 @@ def mri_env(tmp_path, monkeypatch) -> Path:
     return home
 
 
-def start_moto_server() -> tuple[subprocess.Popen, str]:
-    """moto's standalone S3 server on a free loopback port: (its process, its endpoint URL)."""
+def start_moto_server(serial: bool = False) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on a free loopback port: (its process, its endpoint URL).
+    ``serial``: one request at a time, so conditional writes are atomic as on S3 (see
+    serial_moto_server)."""
     port = free_port()
+    module = "mri_assets_tests.serial_moto_server" if serial else "moto.server"
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", module, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -97,10 +97,28 @@ def test_a_promotion_that_lost_the_race_changes_nothing(bucket_store) -> None:
     assert [e["reason"] for e in store_a.deployment_history()] == ["first", "rival"]
 
 
-def test_two_processes_promoting_at_once_lose_no_promotion(
-    bucket_store, moto_server, s3_bucket, tmp_path
-) -> None:
-    version = bucket_store("a").save_version(tiny_model(0), PREPROCESSING, RECORD)
+@pytest.fixture
+def serial_moto(tmp_path):
+    """A moto server that answers one request at a time, so its conditional writes are atomic
+    as S3's are (moto's threaded server can pass two If-Match checks before either write)."""
+    process, endpoint = start_moto_server(serial=True)
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket="race")
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_two_processes_promoting_at_once_lose_no_promotion(serial_moto, tmp_path) -> None:
+    def store(cache: str) -> ModelStore:
+        return ModelStore(tmp_path / cache, remote(serial_moto, "race", "models"))
+
+    version = store("a").save_version(tiny_model(0), PREPROCESSING, RECORD)
     context = multiprocessing.get_context("spawn")
     start = context.Manager().Barrier(2)
     rounds = 15
@@ -108,13 +126,13 @@ def test_two_processes_promoting_at_once_lose_no_promotion(
         results = pool.starmap(
             promote_many,
             [
-                (moto_server, s3_bucket, tmp_path / f"p{n}", version, n, rounds, start)
+                (serial_moto, "race", tmp_path / f"p{n}", version, n, rounds, start)
                 for n in range(2)
             ],
         )
     won = [reason for reasons, _ in results for reason in reasons]
     lost = sum(count for _, count in results)
-    history = bucket_store("check").deployment_history()
+    history = store("check").deployment_history()
     # Every promotion told it won is in the history exactly once; every loser was told so.
     assert sorted(e["reason"] for e in history) == sorted(won)
     assert len(won) + lost == 2 * rounds
