@@ -62,7 +62,8 @@ def bare_loop(model, inputs, targets, epochs: int, lr: float, weight_decay: floa
 
 def warm_up(base, sha256s, labels, by_sha, inputs, targets) -> None:
     """Both sides once on a few images, untimed: first-call set-up (kernels, lazy imports)."""
-    from mri_assets.core.train import TrainConfig, fine_tune
+    from mri_assets.core.recipe import TrainConfig
+    from mri_assets.core.train import fine_tune
 
     config = TrainConfig(
         strategy="full", epochs=1, batch_size=8, augment=False, validation_fraction=0.0
@@ -86,7 +87,8 @@ def run(quick: bool, scratch: Path) -> Result:
     from mri_assets.core.labels import ClassSpec
     from mri_assets.core.model import load_base_model, preprocess_pixels
     from mri_assets.core.pixel_cache import PixelCache
-    from mri_assets.core.train import TrainConfig, fine_tune
+    from mri_assets.core.recipe import TrainConfig
+    from mri_assets.core.train import fine_tune
 
     count, epochs, rounds = SIZES["quick" if quick else "full"]
     work = fresh_dir(scratch / "work-full-finetune")

@@ -44,13 +44,14 @@ def main(argv: list[str]) -> None:
     from mri_assets.core.inference import predict_probabilities
     from mri_assets.core.labels import ClassSpec
     from mri_assets.core.metrics import roc_auc
+    from mri_assets.core.recipe import Augmentation, TrainConfig
 
     root, spec = Path(argv[0]), json.loads(argv[1])
     if spec.get("arch"):
         model_module.EMBEDDED_ARCHITECTURE = {**model_module.EMBEDDED_ARCHITECTURE, **spec["arch"]}
     if spec.get("aug"):
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["aug"].items()}
-        train_module.AUGMENTATION = replace(train_module.Augmentation(), **fields)
+        train_module.AUGMENTATION = replace(Augmentation(), **fields)
     if spec.get("no_intensity"):
         train_module._TrainingLoop._augmented = lambda self, x: train_module.augment_batch(
             x, self.generator
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
         sha256s,
         train_labels.tolist(),
         lambda shas: [by_sha[s] for s in shas],
-        train_module.TrainConfig(**spec.get("config", {})),
+        TrainConfig(**spec.get("config", {})),
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     seconds = time.perf_counter() - started

@@ -150,8 +150,10 @@ def linear_probe(
 
     Early stopping is pushed past the last epoch so both sides run exactly ``epochs`` epochs.
     """
+    from mri_assets.core.embedding_cache import EmbeddingCache
     from mri_assets.core.model import Preprocessing
-    from mri_assets.core.train import EmbeddingCache, TrainConfig, fine_tune
+    from mri_assets.core.recipe import TrainConfig
+    from mri_assets.core.train import fine_tune
 
     config = TrainConfig(
         strategy="linear_probe",

@@ -67,7 +67,8 @@ from mri_assets.core.model import (
     save_preprocessing,
 )
 from mri_assets.core.phantoms import CLASSES, generate_slice
-from mri_assets.core.train import TrainConfig, fine_tune, recommended_config
+from mri_assets.core.recipe import TrainConfig, recommended_config
+from mri_assets.core.train import fine_tune
 
 # Largest allowed |P(positive) difference| to the CPU float32 prediction of the same model on
 # the same image. Float32 on CUDA runs convolutions in TF32 (10-bit mantissa, as float16), so

@@ -97,7 +97,7 @@ class BaseModel:
     @property
     def pretrained(self) -> bool:
         """True for a checkpoint (hub id or folder), False for the embedded model, whose
-        weights are random: the training recipe differs (train.recommended_config)."""
+        weights are random: the training recipe differs (recipe.recommended_config)."""
         return self.spec.strip() not in ("", EMBEDDED)
 
 

@@ -30,140 +30,31 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from mri_assets.core.allocator import keep_freed_memory_for_reuse
 from mri_assets.core.catalog import dataset_version
 from mri_assets.core.devices import Placement, fast_cuda_kernels, model_on, placement
 from mri_assets.core.embedding_cache import EmbeddingCache
+from mri_assets.core.inference import channels_last, embed
+from mri_assets.core.metrics import roc_auc
 from mri_assets.core.model import (
     Preprocessing,
     head_linear,
     preprocess_pixels,
     weights_fingerprint,
 )
+from mri_assets.core.recipe import Augmentation, EpochMetrics, TrainConfig
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel
 
-STRATEGIES = ("full", "linear_probe")
-WARMUP_SHARE = 0.2  # of all steps, spent raising the learning rate (one-cycle schedule)
-# A head on fixed features tolerates (and needs) a much larger step than a whole network.
-DEFAULT_LEARNING_RATE = {"full": 3e-3, "linear_probe": 1e-2}
-# The recipe for a pretrained backbone (see recommended_config): a short linear-probe warm start,
-# then the whole network at a lower learning rate, slowest in the backbone. Fewer epochs than
-# from scratch: pretrained features need adapting, not learning.
-PRETRAINED_RECIPE: dict[str, Any] = {
-    "strategy": "full",
-    "epochs": 8,
-    "learning_rate": 1e-3,
-    "probe_epochs": 5,
-    "backbone_lr_factor": 0.1,
-}
 # A GPU keeps the whole preprocessed training set resident when it takes at most this share of
 # the free memory; otherwise batches stream from pinned host memory.
 RESIDENT_SHARE = 0.4
+WARMUP_SHARE = 0.2  # of all steps, spent raising the learning rate (one-cycle schedule)
 PixelsLookup = Callable[[list[str]], list[np.ndarray]]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one fine-tuning run; defaults are calibrated on the phantom data set."""
-
-    strategy: str = "full"
-    # Tuned on the hard phantoms (core/phantoms.py VARIATIONS["hard"]), not the default set,
-    # where nearly anything scores an AUC near 1: with strong augmentation the model keeps
-    # improving to about 40 epochs at the embedded model's 96 px.
-    epochs: int = 40
-    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE[strategy]
-    batch_size: int = 32
-    image_size: int | None = None  # None: the base model's own preprocessing size
-    seed: int = 0
-    validation_fraction: float = 0.15
-    early_stopping_patience: int = 10  # strongly augmented training validates noisily
-    weight_decay: float = 1e-4
-    augment: bool = True  # full strategy only
-    # None keeps torch's default (one thread per core: fastest on an idle machine). On a shared,
-    # busy machine 1 avoids OpenMP threads waiting on each other, which is often faster there.
-    # Results are bit-identical for a given seed and thread count; another count changes the
-    # floating-point summation order, so the weights differ slightly.
-    num_threads: int | None = None
-    # full strategy only: epochs of linear probing (head only, on cached embeddings) before the
-    # whole network trains; 0 (the embedded model's recipe) skips the warm start.
-    probe_epochs: int = 0
-    # full strategy only: the backbone's learning rate as a share of the head's (1: the same).
-    backbone_lr_factor: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.epochs < 1 or self.batch_size < 2 or self.early_stopping_patience < 1:
-            raise ValueError("epochs and early_stopping_patience must be >= 1, batch_size >= 2")
-        if not 0.0 <= self.validation_fraction < 0.5:
-            raise ValueError(
-                f"validation_fraction must be in [0, 0.5), got {self.validation_fraction}"
-            )
-        if self.image_size is not None and self.image_size < 16:
-            raise ValueError(f"image_size must be at least 16, got {self.image_size}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
-        if self.probe_epochs < 0 or (self.probe_epochs and self.strategy != "full"):
-            raise ValueError(
-                f"probe_epochs must be >= 0 and is for the full strategy only, got "
-                f"{self.probe_epochs} with strategy {self.strategy!r}"
-            )
-        if not 0.0 < self.backbone_lr_factor <= 1.0:
-            raise ValueError(f"backbone_lr_factor must be in (0, 1], got {self.backbone_lr_factor}")
-
-    @property
-    def lr(self) -> float:
-        """The learning rate actually used."""
-        return (
-            self.learning_rate
-            if self.learning_rate is not None
-            else DEFAULT_LEARNING_RATE[self.strategy]
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "learning_rate": self.lr}
-
-
-def recommended_config(pretrained: bool, **overrides: Any) -> TrainConfig:
-    """The training recipe that fits the base model, with ``overrides`` (TrainConfig fields) on
-    top: TrainConfig's defaults for the embedded model (random weights, trained from scratch),
-    PRETRAINED_RECIPE for a checkpoint (BaseModel.pretrained). The pretrained recipe is one of
-    full fine-tuning: an override that picks another strategy starts from TrainConfig's
-    defaults for it instead (a linear probe wants its own learning rate, and no warm start)."""
-    recipe = PRETRAINED_RECIPE if pretrained else {}
-    if overrides.get("strategy", recipe.get("strategy")) != recipe.get("strategy"):
-        recipe = {}
-    return TrainConfig(**{**recipe, **overrides})
-
-
-def recipe_description(name: str) -> str:
-    """What an unset ``name`` becomes under each recipe, for help texts: "15 from scratch, 8 for
-    a pretrained base"."""
-    scratch = getattr(TrainConfig(), name)
-    pretrained = PRETRAINED_RECIPE.get(name, scratch)
-    if name == "learning_rate":
-        scratch = DEFAULT_LEARNING_RATE[TrainConfig().strategy]
-    return (
-        f"{scratch:g} from scratch, {pretrained:g} for a pretrained base"
-        if not isinstance(scratch, str)
-        else f"`{scratch}` from scratch, `{pretrained}` for a pretrained base"
-    )
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    """One epoch: mean train loss and, when there is a validation slice, its loss/AUC/accuracy."""
-
-    epoch: int
-    train_loss: float
-    val_loss: float | None
-    val_auc: float | None
-    val_accuracy: float | None
-    seconds: float
 
 
 @dataclass
@@ -228,7 +119,6 @@ def fine_tune(
     precision on CUDA unless ``mixed_precision`` is False. The model is handed back on the
     device it came on.
     """
-    import torch
 
     config = config or TrainConfig()
     targets = _validated_labels(sha256s, labels)
@@ -307,9 +197,6 @@ class _Job:
 
 def _train_full(job: _Job, notes: list[str]) -> tuple[list[EpochMetrics], int, bool]:
     """Every weight trains; images are preprocessed to tensors once, augmented per batch."""
-    import torch
-
-    from mri_assets.core.inference import channels_last
 
     model, preprocessing, sha256s, config = job.model, job.preprocessing, job.sha256s, job.config
     log, where = job.log, job.where
@@ -379,7 +266,6 @@ def _resident_or_pinned(
 ) -> torch.Tensor:
     """The preprocessed set on the GPU when it fits comfortably (one copy, no per-batch
     transfers), else left in pinned host memory to stream batch by batch."""
-    import torch
 
     free, _ = torch.cuda.mem_get_info(where.device)
     if inputs.numel() * inputs.element_size() <= RESIDENT_SHARE * free:
@@ -397,7 +283,6 @@ def _train_linear_probe(job: _Job) -> tuple[list[EpochMetrics], int, bool]:
     computed on ``where``: the head trains on the CPU, where a linear layer over cached features
     costs next to nothing.
     """
-    import torch
 
     model, split = job.model, job.split
     features = torch.from_numpy(
@@ -469,7 +354,6 @@ def cached_embeddings(
     (each converts the weights to channels_last and back). ``where`` (default: the CPU in
     float32) is where the backbone runs; its precision is part of the cache key.
     """
-    from mri_assets.core.inference import embed
 
     where = where or placement("cpu")
     unique = list(dict.fromkeys(sha256s))
@@ -543,7 +427,6 @@ def _validated_labels(sha256s: Sequence[str], labels: Sequence[int]) -> np.ndarr
 @contextmanager
 def _deterministic() -> Iterator[None]:
     """Torch's deterministic algorithms for the block, then the caller's setting again."""
-    import torch
 
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -557,7 +440,6 @@ def _deterministic() -> Iterator[None]:
 @contextmanager
 def _threads(count: int | None) -> Iterator[None]:
     """Use ``count`` torch threads for the block (None: leave as is), then restore."""
-    import torch
 
     previous = torch.get_num_threads()
     if count is not None:
@@ -584,7 +466,6 @@ class _TrainingLoop:
         where: Placement | None = None,
         preprocessing: Preprocessing | None = None,
     ) -> None:
-        import torch
 
         self.trainable, self.forward, self.config, self.augment = (
             trainable,
@@ -603,7 +484,6 @@ class _TrainingLoop:
     def _optimizer(
         self, total_steps: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        import torch
 
         config = self.config
         if self.parameter_groups is None:
@@ -639,7 +519,6 @@ class _TrainingLoop:
         ``best_loss``: the validation loss of the weights as they are now, to be beaten by an
         epoch; when none does, those weights are restored and the best epoch is 0.
         """
-        import torch
 
         config = self.config
         steps_per_epoch = max(1, -(-len(train_idx) // config.batch_size))
@@ -690,8 +569,6 @@ class _TrainingLoop:
         schedule: torch.optim.lr_scheduler.LRScheduler,
     ) -> float:
         """One epoch on the CPU, in float32 (the reference path: keep it bit-identical)."""
-        import torch
-        import torch.nn.functional as F
 
         self.trainable.train()
         order = torch.randperm(train_x.shape[0], generator=self.generator)
@@ -721,8 +598,6 @@ class _TrainingLoop:
         """One epoch on a GPU or MPS, or in mixed precision on the CPU: the same batches and
         augmentation draws as the reference path (the CPU generator draws them), autocast, and
         no host sync until the epoch ends (the running loss stays on the device)."""
-        import torch
-        import torch.nn.functional as F
 
         where = self.where
         scaler = where.grad_scaler()
@@ -759,10 +634,6 @@ class _TrainingLoop:
     def _validate(
         self, val_x: torch.Tensor, val_y: torch.Tensor
     ) -> tuple[float | None, float | None, float | None]:
-        import torch
-        import torch.nn.functional as F
-
-        from mri_assets.core.metrics import roc_auc
 
         if val_x.shape[0] == 0:
             return None, None, None
@@ -792,25 +663,7 @@ class _TrainingLoop:
         return loss, auc, accuracy
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """The random changes ``augment_batch`` makes to each training image.
-
-    Tuned on the hard phantoms (core/phantoms.py VARIATIONS["hard"]), which vary the way scans
-    from several scanners do: the ranges cover a little more than that variation, so a model
-    learns what a lesion looks like rather than the pose, contrast or shading of its scans.
-    """
-
-    hflip: float = 0.5  # probability of a left-right flip
-    vflip: float = 0.5  # probability of a front-back flip
-    max_rotation: float = 25.0  # degrees either way
-    scale: tuple[float, float] = (0.85, 1.15)
-    max_shift: float = 0.08  # as a share of the half-width
-    gamma: tuple[float, float] = (0.65, 1.5)  # contrast curve on the 0..1 intensities, log-uniform
-    gain: tuple[float, float] = (0.8, 1.2)
-    bias: float = 0.25  # std of a linear log-gain ramp across the image (coil shading)
-
-
+# augment_batch's default (benchmarks/recipe_tuning.py swaps it to try other ranges).
 AUGMENTATION = Augmentation()
 
 
@@ -827,8 +680,6 @@ def augment_batch(
     draws come from the CPU ``generator`` whatever device ``batch`` is on, so a GPU run sees the
     same augmentations as a CPU run with the same seed.
     """
-    import torch
-    import torch.nn.functional as F
 
     a = augmentation or AUGMENTATION
     n = batch.shape[0]

@@ -27,8 +27,7 @@ from mri_assets.core.labels import ClassSpec
 from mri_assets.core.metrics import png_markdown, training_curve_png
 from mri_assets.core.pixel_cache import PixelCache
 from mri_assets.core.promotion import Standing, newest_version_trained_on
-from mri_assets.core.store import ModelStore
-from mri_assets.core.train import (
+from mri_assets.core.recipe import (
     DEFAULT_LEARNING_RATE,
     PRETRAINED_RECIPE,
     STRATEGIES,
@@ -37,6 +36,7 @@ from mri_assets.core.train import (
     recipe_description,
     recommended_config,
 )
+from mri_assets.core.store import ModelStore
 from mri_assets.defs.conventions import CODE_VERSION, GPU_STEP_TAGS, OWNERS, TAGS
 from mri_assets.resources import (
     ModelStoreResource,
@@ -101,11 +101,11 @@ RECIPE_FIELDS = frozenset(PRETRAINED_RECIPE) - {"strategy"}
 class FineTuneConfig(dg.Config):
     """How the candidate is trained (Launchpad: `fine_tuned_model` config).
 
-    Fields, types and defaults are TrainConfig's (core/train.py); the checks are its own
+    Fields, types and defaults are TrainConfig's (core/recipe.py); the checks are its own
     `__post_init__`, run when Dagster builds this config. The fields the recipe sets
     (PRETRAINED_RECIPE's: epochs, learning rate, warm start, backbone learning rate) are unset by
     default, and then take the value of the recipe that fits the base model
-    (train.recommended_config: from scratch for the embedded model, LP-FT for a checkpoint).
+    (recipe.recommended_config: from scratch for the embedded model, LP-FT for a checkpoint).
     The strategy is an enum in the Launchpad schema, so a wrong one is refused before a run
     starts; a value of the right type but out of range (epochs 0, batch_size 1, ...) fails the
     step before any data is read or model loaded.
@@ -151,7 +151,7 @@ class FineTuneConfig(dg.Config):
     augment: bool = Field(
         default=_TRAIN_DEFAULTS.augment,
         description="Random flips, rotation, scale, shift, contrast gamma, gain and shading of "
-        "the training images (`full` only; train.Augmentation).",
+        "the training images (`full` only; recipe.Augmentation).",
     )
     num_threads: int | None = Field(
         default=_TRAIN_DEFAULTS.num_threads,
@@ -178,7 +178,7 @@ class FineTuneConfig(dg.Config):
 
     def to_train_config(self, pretrained: bool) -> TrainConfig:
         """The TrainConfig for a base model from scratch (False) or pretrained (True): the
-        recipe's values (train.recommended_config) where a recipe field is unset."""
+        recipe's values (recipe.recommended_config) where a recipe field is unset."""
         values = self.model_dump()
         overrides = {
             name: value
@@ -517,7 +517,7 @@ def statistics_metadata(statistics) -> dict:
 
 
 def recipe_name(pretrained: bool) -> str:
-    """The training recipe train.recommended_config picks, in words."""
+    """The training recipe recipe.recommended_config picks, in words."""
     if pretrained:
         return (
             "pretrained base: linear-probe warm start, then the whole network with a lower "

@@ -31,7 +31,8 @@ from mri_assets.core.model import (
     save_preprocessing,
     weights_fingerprint,
 )
-from mri_assets.core.train import fine_tune, recommended_config
+from mri_assets.core.recipe import recommended_config
+from mri_assets.core.train import fine_tune
 
 CLASSES = ClassSpec()
 

@@ -12,9 +12,10 @@ from mri_assets.core.inference import logits_and_features, predict_probabilities
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.model import load_base_model
 from mri_assets.core.phantoms import generate_slice
+from mri_assets.core.recipe import TrainConfig
 from mri_assets.core.serving import ModelStatistics, ServedModel, fit_statistics
 from mri_assets.core.store import ARRAYS_FILE, ModelStore
-from mri_assets.core.train import TrainConfig, fine_tune
+from mri_assets.core.train import fine_tune
 
 SIZE = 64
 CLASSES = ClassSpec()

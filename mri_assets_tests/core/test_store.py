@@ -300,7 +300,7 @@ def test_store_module_imports_without_torch_or_transformers() -> None:
     import sys
 
     code = (
-        "import sys, mri_assets.core.store, mri_assets.core.metrics, mri_assets.core.train;"
+        "import sys, mri_assets.core.store, mri_assets.core.metrics, mri_assets.core.recipe;"
         "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'sklearn') if m in sys.modules];"
         "print(','.join(heavy))"
     )

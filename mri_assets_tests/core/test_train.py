@@ -17,13 +17,8 @@ from mri_assets.core.inference import predict_probabilities
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.metrics import classification_metrics
 from mri_assets.core.model import BaseModel, load_base_model, weights_fingerprint
-from mri_assets.core.train import (
-    TrainConfig,
-    fine_tune,
-    recommended_config,
-    stratified_split,
-    training_record,
-)
+from mri_assets.core.recipe import TrainConfig, recommended_config
+from mri_assets.core.train import fine_tune, stratified_split, training_record
 
 CLASSES = ClassSpec()
 SIZE = 32  # tiny images keep the suite fast; the embedded ResNet takes any size
@@ -452,7 +447,8 @@ def _augmentation_batch() -> torch.Tensor:
 
 def test_augmentation_is_seeded_and_flips_both_ways() -> None:
     from mri_assets.core.model import Preprocessing
-    from mri_assets.core.train import Augmentation, augment_batch
+    from mri_assets.core.recipe import Augmentation
+    from mri_assets.core.train import augment_batch
 
     batch = _augmentation_batch()
     only_flips = Augmentation(max_rotation=0.0, scale=(1.0, 1.0), max_shift=0.0)

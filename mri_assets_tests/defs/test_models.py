@@ -193,7 +193,7 @@ def test_single_class_test_set_is_refused_with_a_clear_reason(mri_env, small_dat
 def test_launchpad_config_is_train_config_with_help_text():
     from dataclasses import asdict, fields
 
-    from mri_assets.core.train import TrainConfig, recommended_config
+    from mri_assets.core.recipe import TrainConfig, recommended_config
     from mri_assets.defs.models import FineTuneConfig
 
     assert FineTuneConfig().to_train_config(pretrained=False) == TrainConfig()
@@ -263,7 +263,7 @@ def test_a_resnet50_shaped_checkpoint_trains_with_its_recipe_and_is_promoted_and
         random_resnet,
         save_preprocessing,
     )
-    from mri_assets.core.train import PRETRAINED_RECIPE
+    from mri_assets.core.recipe import PRETRAINED_RECIPE
 
     folder = tmp_path / "resnet-50-random"
     random_resnet(RESNET50_ARCHITECTURE, num_labels=1000).save_pretrained(folder)
