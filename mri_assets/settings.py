@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mri_assets.core.devices import parse_device_spec
+from mri_assets.core.device_spec import parse_device_spec
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.object_store import S3Objects, default_s3_client
 from mri_assets.core.warehouse import CatalogLocation, parse_catalog

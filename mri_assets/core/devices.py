@@ -1,37 +1,24 @@
 """Where torch work runs (MRI_DEVICE) and how: precision, memory format, host-to-device copies.
 
-A spec is ``auto`` (CUDA, then Apple MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+The spec's syntax (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) is core/device_spec.py's.
 Everything here is a no-op on the CPU, so the CPU path of training and inference stays exactly
 what it was before devices existed (bit-identical for a given seed and thread count).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
-DEVICE_SPECS = ("auto", "cpu", "cuda", "cuda:N", "mps")
-_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+from mri_assets.core.device_spec import cuda_index, parse_device_spec
 
 
 class DeviceUnavailable(ValueError):
     """The device named by MRI_DEVICE (or a ``device`` argument) does not exist here."""
-
-
-def parse_device_spec(raw: str | None) -> str:
-    """``raw`` normalised (trimmed, lower case; empty or None: ``cpu``) when it is one of
-    DEVICE_SPECS, else ValueError. Syntax only and torch-free, so a settings reader can
-    validate MRI_DEVICE cheaply; whether the device exists is resolve_device's question."""
-    text = (raw or "cpu").strip().lower()
-    if text in ("auto", "cpu", "cuda", "mps") or _CUDA_INDEX.fullmatch(text):
-        return text
-    raise ValueError(f"MRI_DEVICE must be one of {', '.join(DEVICE_SPECS)}; got {raw!r}")
 
 
 def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
@@ -40,8 +27,6 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
     Raises DeviceUnavailable for a well-formed spec this machine cannot serve (no CUDA build,
     no such GPU index, no MPS), and ValueError for a spec that is not one of DEVICE_SPECS.
     """
-    import torch
-
     if isinstance(spec, torch.device):  # "mps:0" and the like name the one device there is
         spec = str(spec) if spec.type == "cuda" else spec.type
     text = parse_device_spec(spec)
@@ -60,14 +45,15 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
                 "on Apple silicon and a torch build with MPS); use auto or cpu"
             )
         return torch.device("mps")
-    match = _CUDA_INDEX.fullmatch(text)
     if not torch.cuda.is_available():
         raise DeviceUnavailable(
             f"MRI_DEVICE={text} but torch {torch.__version__} sees no CUDA GPU (a CPU-only "
             "build, or no driver); install the CUDA build of the same torch release, or use "
             "auto or cpu"
         )
-    index = int(match.group(1)) if match else torch.cuda.current_device()
+    index = cuda_index(text)
+    if index is None:
+        index = torch.cuda.current_device()
     count = torch.cuda.device_count()
     if index >= count:
         raise DeviceUnavailable(
@@ -77,8 +63,6 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
 
 
 def _mps_available() -> bool:
-    import torch
-
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
@@ -111,28 +95,20 @@ class Placement:
     @property
     def precision(self) -> str:
         """``fp32``, ``bf16`` or ``fp16``: what a record or a cache key should say."""
-        import torch
-
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
     @property
     def needs_grad_scaler(self) -> bool:
-        import torch
-
         return self.amp_dtype == torch.float16
 
     def autocast(self) -> Any:
         """Context manager: autocast to ``amp_dtype`` on this device, or nothing at all."""
-        import torch
-
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def grad_scaler(self) -> Any:
         """A GradScaler for float16 training; a disabled one (a pass-through) otherwise."""
-        import torch
-
         return torch.amp.GradScaler(self.device.type, enabled=self.needs_grad_scaler)
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -158,8 +134,6 @@ def placement(
     no longer the bit-identical reference path); MPS always runs in float32 (its autocast
     support varies by macOS and torch release).
     """
-    import torch
-
     resolved = resolve_device(device)
     use_amp = resolved.type == "cuda" if mixed_precision is None else mixed_precision
     if use_amp and resolved.type == "cpu":
@@ -180,8 +154,6 @@ def fast_cuda_kernels(where: Placement) -> Iterator[None]:
     if not where.is_cuda:
         yield
         return
-    import torch
-
     previous = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -210,8 +182,6 @@ def model_on(model: torch.nn.Module, where: Placement) -> Iterator[torch.nn.Modu
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
-    import torch
-
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
@@ -220,6 +190,4 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 def synchronize(where: Placement) -> None:
     """Wait for queued GPU work (for honest timings); nothing to wait for on the CPU."""
     if where.is_cuda:
-        import torch
-
         torch.cuda.synchronize(where.device)

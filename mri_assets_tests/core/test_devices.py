@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from mri_assets.core import devices
-from mri_assets.core.devices import (
-    DeviceUnavailable,
-    model_on,
-    parse_device_spec,
-    placement,
-    resolve_device,
-)
+from mri_assets.core.device_spec import parse_device_spec
+from mri_assets.core.devices import DeviceUnavailable, model_on, placement, resolve_device
 
 
 @pytest.fixture
