@@ -51,8 +51,7 @@ def bare_forward(model, inputs) -> None:
 def run(quick: bool, scratch: Path) -> Result:
     """Images per second of predict and evaluate, each against the bare forward pass."""
     from mri_assets.core.catalog import SplitSnapshot, dataset_version
-    from mri_assets.core.evaluation import evaluate
-    from mri_assets.core.inference import predict_probabilities
+    from mri_assets.core.inference import evaluate, predict_probabilities
     from mri_assets.core.labels import ClassSpec
     from mri_assets.core.model import load_base_model, preprocess_pixels
     from mri_assets.core.pixel_cache import PixelCache

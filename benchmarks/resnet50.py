@@ -50,12 +50,8 @@ def run(quick: bool, scratch: Path) -> Result:
     import torch
 
     from mri_assets.core.inference import embed, pooled_features, predict_probabilities
-    from mri_assets.core.model import (
-        RESNET50_ARCHITECTURE,
-        Preprocessing,
-        preprocess_pixels,
-        random_resnet,
-    )
+    from mri_assets.core.model import RESNET50_ARCHITECTURE, preprocess_pixels, random_resnet
+    from mri_assets.core.preprocessing import Preprocessing
 
     mode = "quick" if quick else "full"
     model = random_resnet(RESNET50_ARCHITECTURE, num_labels=2).eval()

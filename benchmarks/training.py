@@ -91,7 +91,7 @@ def seed_batch(paths: list[Path]):
     import torch
     from PIL import Image
 
-    from mri_assets.core.model import IMAGENET_MEAN, IMAGENET_STD
+    from mri_assets.core.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
     std = np.asarray(IMAGENET_STD, dtype=np.float32)
@@ -151,7 +151,7 @@ def linear_probe(
     Early stopping is pushed past the last epoch so both sides run exactly ``epochs`` epochs.
     """
     from mri_assets.core.embedding_cache import EmbeddingCache
-    from mri_assets.core.model import Preprocessing
+    from mri_assets.core.preprocessing import Preprocessing
     from mri_assets.core.recipe import TrainConfig
     from mri_assets.core.train import fine_tune
 

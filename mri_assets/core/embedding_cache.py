@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mri_assets.core.files import replaced_atomically
-from mri_assets.core.model import PREPROCESSING_VERSION, Preprocessing
 from mri_assets.core.object_store import S3Objects
+from mri_assets.core.preprocessing import PREPROCESSING_VERSION, Preprocessing
 
 
 def save_npy_atomically(target: Path, array: np.ndarray) -> None:

@@ -1,6 +1,7 @@
-"""Evaluation of one model on one test-set version: probabilities, metrics and plots.
+"""Evaluation of one model on one test-set version: its figures and plots, torch-free.
 
-Recording and reading evaluations back is core/evaluation_records.py's job.
+Computing one is core/inference.py's ``evaluate``; recording and reading evaluations back is
+core/evaluation_records.py's job.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from mri_assets.core.catalog import SplitSnapshot
 from mri_assets.core.labels import ClassSpec
-from mri_assets.core.pixel_cache import PixelCache
+from mri_assets.core.metrics import (
+    confusion_matrix_png,
+    png_markdown,
+    reliability_diagram_png,
+    roc_curve_png,
+)
 from mri_assets.core.promotion import Score
 
 
@@ -36,55 +41,9 @@ class Evaluation:
         return Score(self.model_version, m.get("roc_auc"), m.get("accuracy"), m.get("log_loss"))
 
 
-def evaluate(
-    model,
-    preprocessing,
-    snapshot: SplitSnapshot,
-    cache: PixelCache,
-    classes: ClassSpec,
-    model_version: str,
-    batch_size: int = 64,
-    *,
-    device: str | None = None,
-    temperature: float = 1.0,
-) -> Evaluation:
-    """Probabilities and metrics of ``model`` on every image of ``snapshot`` (pixels from cache),
-    computed on ``device`` (core/devices.py; None: the CPU), calibrated by ``temperature`` (the
-    one stored with the version: core/serving.py)."""
-    from mri_assets.core.inference import predict_probabilities
-    from mri_assets.core.metrics import classification_metrics
-
-    if not len(snapshot):
-        raise ValueError(
-            f"the {snapshot.split} set is empty: land files under <landing>/{snapshot.split}/ "
-            f"and materialize {snapshot.split}_images first"
-        )
-    probabilities = predict_probabilities(
-        model,
-        preprocessing,
-        cache.get_many(snapshot.sha256s),
-        batch_size,
-        device=device,
-        temperature=temperature,
-    )
-    p_positive = probabilities[:, classes.positive_index]
-    y_true = [classes.index(label) for label in snapshot.labels]
-    metrics = classification_metrics(y_true, p_positive, classes.positive_index, classes.names)
-    return Evaluation(
-        model_version, snapshot.version, metrics, tuple(y_true), tuple(float(p) for p in p_positive)
-    )
-
-
 def evaluation_plots_markdown(evaluation: Evaluation, classes: ClassSpec, title: str) -> str:
     """ROC curve, reliability diagram and confusion matrix side by side, as markdown with
     inline PNGs."""
-    from mri_assets.core.metrics import (
-        confusion_matrix_png,
-        png_markdown,
-        reliability_diagram_png,
-        roc_curve_png,
-    )
-
     roc = roc_curve_png(
         np.array(evaluation.y_true),
         np.array(evaluation.p_positive),

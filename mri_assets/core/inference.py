@@ -5,8 +5,10 @@ Every entry point takes ``device`` (see core/devices.py; None keeps the CPU) and
 one batch at a time; on a GPU each batch goes over from pinned memory asynchronously and results
 stay on the device until the end, so preparing the next batch overlaps the current forward pass.
 
-This module imports torch: it is itself imported only where torch work starts (inside the
-functions of evaluation, train and the CLI), so loading the Dagster definitions never pulls it in.
+``evaluate`` scores a test set and computes its metrics (core/evaluation.py holds the result).
+This module imports torch: it is itself imported only where torch work starts (train, serving,
+and inside the asset and command bodies of the Dagster layer and the CLI), so loading the
+Dagster definitions never pulls it in.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ import torch
 
 from mri_assets.core.allocator import keep_freed_memory_for_reuse
 from mri_assets.core.devices import Placement, fast_cuda_kernels, model_on, placement
-from mri_assets.core.model import Preprocessing, preprocess_pixels
+from mri_assets.core.evaluation import Evaluation
+from mri_assets.core.metrics import classification_metrics
+from mri_assets.core.model import preprocess_pixels
+from mri_assets.core.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from mri_assets.core.catalog import SplitSnapshot
+    from mri_assets.core.labels import ClassSpec
+    from mri_assets.core.pixel_cache import PixelCache
 
 
 def predict_probabilities(
@@ -59,6 +68,42 @@ def predict_probabilities(
             logits = model(pixel_values=batch).logits
         outputs.append(torch.softmax(_tempered(logits.float(), temperature), dim=-1))
     return torch.cat(outputs).cpu().numpy()
+
+
+def evaluate(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    snapshot: SplitSnapshot,
+    cache: PixelCache,
+    classes: ClassSpec,
+    model_version: str,
+    batch_size: int = 64,
+    *,
+    device: str | None = None,
+    temperature: float = 1.0,
+) -> Evaluation:
+    """Probabilities and metrics of ``model`` on every image of ``snapshot`` (pixels from cache),
+    computed on ``device`` (core/devices.py; None: the CPU), calibrated by ``temperature`` (the
+    one stored with the version: core/serving.py)."""
+    if not len(snapshot):
+        raise ValueError(
+            f"the {snapshot.split} set is empty: land files under <landing>/{snapshot.split}/ "
+            f"and materialize {snapshot.split}_images first"
+        )
+    probabilities = predict_probabilities(
+        model,
+        preprocessing,
+        cache.get_many(snapshot.sha256s),
+        batch_size,
+        device=device,
+        temperature=temperature,
+    )
+    p_positive = probabilities[:, classes.positive_index]
+    y_true = [classes.index(label) for label in snapshot.labels]
+    metrics = classification_metrics(y_true, p_positive, classes.positive_index, classes.names)
+    return Evaluation(
+        model_version, snapshot.version, metrics, tuple(y_true), tuple(float(p) for p in p_positive)
+    )
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Model factory: the base classifier named by MRI_BASE_MODEL, and the tensors it eats.
+"""Model factory: the base classifier named by MRI_BASE_MODEL, the tensors it eats, and model
+folders written and read with save_pretrained / from_pretrained.
 
-torch and transformers are imported inside functions so that importing this module stays cheap.
+This module imports torch and transformers: the Dagster definitions import it only inside the
+asset bodies that need a model; what they need at load time is in core/preprocessing.py.
 """
 
 from __future__ import annotations
@@ -14,22 +16,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from packaging.version import Version
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+)
+from transformers.utils import logging as hf_logging
 
 from mri_assets.core.labels import ClassSpec
-
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedModel
+from mri_assets.core.preprocessing import (
+    PREPROCESSOR_CONFIG,
+    Preprocessing,
+    preprocessing_from_config,
+    read_preprocessing,
+)
+from mri_assets.core.safe_weights import refuse_pickle_only
 
 EMBEDDED = "embedded"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-# Weight formats that torch.load would unpickle, i.e. that can run arbitrary code when loaded.
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 # The embedded model: a small ResNet trained from scratch, sized so that a full fine-tune on a
 # few hundred images takes well under three minutes on two CPU cores. 96 px, tuned on the hard
@@ -58,28 +70,6 @@ RESNET50_ARCHITECTURE: dict[str, Any] = {
     "hidden_act": "relu",
     "downsample_in_first_stage": False,
 }
-
-
-class UnsafeWeightsError(ValueError):
-    """A model folder offers only pickle-based weights, which are never loaded."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How pixels become model input: square resize to ``image_size``, then (x/255 - mean) / std."""
-
-    image_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def with_size(self, image_size: int | None) -> Preprocessing:
-        """The same normalisation at another image size (None keeps this one)."""
-        if image_size is None or image_size == self.image_size:
-            return self
-        return Preprocessing(int(image_size), self.mean, self.std)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclass
@@ -161,9 +151,7 @@ def ensure_embedded_base(base_root: str | Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-embedded-", dir=folder.parent))
     try:
-        with quiet_transformers():
-            _new_embedded_model().save_pretrained(staging)
-        save_preprocessing(Preprocessing(EMBEDDED_IMAGE_SIZE), staging)
+        save_model(_new_embedded_model(), Preprocessing(EMBEDDED_IMAGE_SIZE), staging)
         try:
             os.rename(staging, folder)
         except OSError:
@@ -179,8 +167,6 @@ def random_resnet(
 ) -> PreTrainedModel:
     """A ResNetForImageClassification of the given architecture with seeded random weights
     (e.g. RESNET50_ARCHITECTURE: a ResNet-50-shaped model without any download)."""
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -188,8 +174,6 @@ def random_resnet(
 
 
 def _new_embedded_model() -> PreTrainedModel:
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(**EMBEDDED_ARCHITECTURE, num_labels=2)
     with torch.random.fork_rng(devices=[]):
@@ -203,7 +187,6 @@ def zero_head(model: PreTrainedModel) -> None:
     """Zero the classifier head: an untrained model then says 0.5 for every image (AUC 0.5)
     instead of an arbitrary random ranking, and training still starts (the gradient on the head's
     weights is not zero)."""
-    import torch
 
     with torch.no_grad():
         for parameter in head_linear(model).parameters():
@@ -212,7 +195,6 @@ def zero_head(model: PreTrainedModel) -> None:
 
 def head_linear(model: PreTrainedModel) -> torch.nn.Linear:
     """The one Linear layer of ``model.classifier`` (ResNet: Flatten + Linear, ConvNeXt: Linear)."""
-    import torch
 
     head = getattr(model, "classifier", None)
     linears = (
@@ -228,8 +210,6 @@ def head_linear(model: PreTrainedModel) -> torch.nn.Linear:
 
 def _from_pretrained(source: str | Path, classes: ClassSpec) -> tuple[PreTrainedModel, bool]:
     """The checkpoint as a two-class classifier, and whether its head was made here (fresh)."""
-    import torch
-    from transformers import AutoModelForImageClassification
 
     id2label, label2id = label_maps(classes)
     # A mismatched head (e.g. 1000 ImageNet classes) is re-initialised, then zeroed below.
@@ -271,9 +251,6 @@ def _from_pretrained(source: str | Path, classes: ClassSpec) -> tuple[PreTrained
 
 def _dtype_keyword() -> str:
     """``dtype`` since transformers 4.56, ``torch_dtype`` before (a config attribute there)."""
-    import transformers
-    from packaging.version import Version
-
     return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
@@ -295,8 +272,6 @@ def _head_was_reinitialised(model: PreTrainedModel, loading: dict[str, Any]) -> 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Hide transformers' per-file progress bars (noise in Dagster logs), then restore them."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -308,38 +283,25 @@ def quiet_transformers() -> Iterator[None]:
 
 def _hub_preprocessing(spec: str) -> Preprocessing:
     """Mean, std and size from the model's own image processor (hub id or local folder)."""
-    from transformers import AutoImageProcessor
-
     processor = AutoImageProcessor.from_pretrained(spec, trust_remote_code=False)
-    size = _size_from(dict(processor.size) if processor.size is not None else {})
-    return Preprocessing(
-        size,
-        _triple(getattr(processor, "image_mean", None), IMAGENET_MEAN),
-        _triple(getattr(processor, "image_std", None), IMAGENET_STD),
+    return preprocessing_from_config(
+        {
+            "size": dict(processor.size) if processor.size is not None else {},
+            "image_mean": getattr(processor, "image_mean", None),
+            "image_std": getattr(processor, "image_std", None),
+        }
     )
-
-
-def refuse_pickle_only(folder: Path) -> None:
-    """Raise UnsafeWeightsError if ``folder`` has pickle weights and no safetensors file."""
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
-    if pickles:
-        raise UnsafeWeightsError(
-            f"{folder} holds only pickle-based weights ({', '.join(pickles)}); only safetensors "
-            "are accepted, because unpickling can run arbitrary code. Re-save the model with "
-            "save_pretrained(..., safe_serialization=True) to get model.safetensors."
-        )
 
 
 def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None:
     """Write ``preprocessor_config.json`` that AutoImageProcessor.from_pretrained can read."""
-    try:  # transformers 5: the PIL-backed class (the plain name wants torchvision there)
-        from transformers import ConvNextImageProcessorPil as ConvNextProcessor
-    except ImportError:  # transformers 4: the plain class is the PIL-backed one
-        from transformers import ConvNextImageProcessor as ConvNextProcessor
-
-    processor = ConvNextProcessor(
+    # transformers 5: the PIL-backed class (the plain name wants torchvision there);
+    # transformers 4: the plain class is the PIL-backed one.
+    processor_class = (
+        getattr(transformers, "ConvNextImageProcessorPil", None)
+        or transformers.ConvNextImageProcessor
+    )
+    processor = processor_class(
         size={"shortest_edge": preprocessing.image_size},
         crop_pct=1.0,  # no crop: resize only, as preprocess_pixels does
         image_mean=list(preprocessing.mean),
@@ -348,39 +310,25 @@ def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None
     processor.save_pretrained(str(folder))
 
 
-def read_preprocessing(folder: str | Path) -> Preprocessing:
-    """Parse a folder's ``preprocessor_config.json`` without importing transformers."""
-    config = json.loads((Path(folder) / PREPROCESSOR_CONFIG).read_text())
-    return Preprocessing(
-        _size_from(config.get("size") or {}, config.get("crop_size")),
-        _triple(config.get("image_mean"), IMAGENET_MEAN),
-        _triple(config.get("image_std"), IMAGENET_STD),
-    )
+def save_model(model: PreTrainedModel, preprocessing: Preprocessing, folder: str | Path) -> None:
+    """Write ``model`` (safetensors weights, config.json) and ``preprocessor_config.json`` into
+    ``folder``, as load_saved_model and from_pretrained read them."""
+    with quiet_transformers():
+        model.save_pretrained(folder)
+    save_preprocessing(preprocessing, folder)
 
 
-def _size_from(size: dict[str, Any] | int, crop_size: dict[str, Any] | None = None) -> int:
-    if isinstance(size, int):
-        return size
-    for key in ("shortest_edge", "height", "width"):
-        if size.get(key):
-            return int(size[key])
-    if crop_size and crop_size.get("height"):
-        return int(crop_size["height"])
-    return 224
+def load_saved_model(folder: str | Path) -> tuple[PreTrainedModel, Preprocessing]:
+    """The model (eval mode, float32) and preprocessing of a folder written by save_model.
 
-
-def _triple(values: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
-    if values is None:
-        return default
-    if isinstance(values, (int, float)):
-        return (float(values),) * 3
-    floats = tuple(float(v) for v in values)
-    return floats if len(floats) == 3 else default
-
-
-# Names how preprocess_pixels turns pixels into tensors; cached embeddings are keyed by it, so a
-# change of method never mixes old and new embeddings.
-PREPROCESSING_VERSION = "uint8-antialiased-resize"
+    Reads safetensors only and never runs remote code; refusing a folder that holds pickle
+    files is the caller's decision (the model store refuses any).
+    """
+    with quiet_transformers():
+        model = AutoModelForImageClassification.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+        )
+    return model.eval(), read_preprocessing(folder)
 
 
 def preprocess_pixels(
@@ -398,8 +346,6 @@ def preprocess_pixels(
     a resized value differs from the float one by at most one grey level), then normalises.
     ``pin_memory`` writes the result into page-locked memory, for asynchronous copies to a GPU.
     """
-    import torch
-    import torch.nn.functional as F
 
     size = preprocessing.image_size
     out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32, pin_memory=pin_memory)

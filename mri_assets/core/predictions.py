@@ -12,12 +12,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mri_assets.core.catalog import Column, ensure_schema
-from mri_assets.core.serving import ServedModel
+
+if TYPE_CHECKING:
+    from mri_assets.core.serving import ServedModel  # torch: the caller has loaded it
 
 # A prediction whose top probability is below this is "low confidence" (explained with Grad-CAM).
 LOW_CONFIDENCE = 0.6

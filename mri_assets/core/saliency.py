@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mri_assets.core.devices import model_on, placement
-from mri_assets.core.model import Preprocessing, preprocess_pixels
+from mri_assets.core.model import preprocess_pixels
+from mri_assets.core.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -5,7 +5,7 @@ Every scoring path (evaluation, `mri-assets predict`, the `predictions` asset) g
 detector. What is fitted (``fit_statistics``, right after fine-tuning) is stored with the
 version: scalars in the training record's ``calibration`` and ``ood`` entries, arrays in the
 version's ``arrays.safetensors``. A version stored before these existed is served with T = 1
-and no OOD score, and says why.
+and no OOD score, and says why. This module imports torch (core/inference.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mri_assets.core.calibration import Temperature, fit_temperature, softmax
+from mri_assets.core.inference import logits_and_features, predict_probabilities
 from mri_assets.core.ood import CROSS_FIT_FOLDS, OodDetector, fit_ood
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from mri_assets.core.model import Preprocessing
+    from mri_assets.core.preprocessing import Preprocessing
     from mri_assets.core.store import ModelStore
 
 NOT_RECORDED = "stored before calibration and OOD statistics were recorded; retrain to get them"
@@ -82,8 +83,6 @@ def fit_statistics(
 ) -> ModelStatistics:
     """Temperature on the validation images, OOD detector on the train and validation images,
     from one forward pass over all of them with the trained model."""
-    from mri_assets.core.inference import logits_and_features, predict_probabilities
-
     targets = np.asarray(labels, dtype=np.int64)
     train = np.asarray(train_indices, dtype=np.int64)
     validation = np.asarray(validation_indices, dtype=np.int64)
@@ -147,8 +146,6 @@ class ServedModel:
         self, pixels: Sequence[np.ndarray], batch_size: int = 64, *, device: str | None = None
     ) -> Scores:
         """Scores of ``pixels`` ((H, W, 3) uint8 arrays) in one forward pass per batch."""
-        from mri_assets.core.inference import logits_and_features, predict_probabilities
-
         detector = self.statistics.ood
         if detector is None:
             probabilities = predict_probabilities(

@@ -10,7 +10,8 @@ Layout under ``root``::
     deployments.json             the deployment history; its last entry is what is deployed
 
 The store alone says what is deployed, so serving predictions never needs the DuckDB catalog.
-torch and transformers are imported only when a model is saved or loaded.
+torch and transformers are imported only when a model is saved or loaded (core/model.py): the
+resources build a store when the Dagster definitions load.
 
 With a ``remote`` (MRI_STORE=s3://bucket/prefix, see core/object_store.py) the bucket holds the
 truth and ``root`` is only a cache any process may start without::
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from mri_assets.core.files import (
     LEFTOVER_GRACE_SECONDS,
@@ -51,15 +53,9 @@ from mri_assets.core.files import (
     replaced_atomically,
     sweep_temp_files,
 )
-from mri_assets.core.model import (
-    PICKLE_PATTERNS,
-    PREPROCESSOR_CONFIG,
-    Preprocessing,
-    quiet_transformers,
-    read_preprocessing,
-    save_preprocessing,
-)
 from mri_assets.core.object_store import ObjectStoreError, S3Objects, WriteConflict
+from mri_assets.core.preprocessing import PREPROCESSOR_CONFIG, Preprocessing
+from mri_assets.core.safe_weights import PICKLE_PATTERNS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -129,15 +125,16 @@ class ModelStore:
         ``arrays.safetensors`` in the same folder, so they appear and vanish with the version.
         Staging folders left by a killed save are swept first (``sweep_leftovers``).
         """
+        # Here, not at the top: the store is built at load time, torch only when a model is saved.
+        from mri_assets.core.model import save_model
+
         self.versions_root.mkdir(parents=True, exist_ok=True)
         self.sweep_leftovers()
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.versions_root))
         lock = staging / _STAGING_LOCK
         try:
             with held_for_writing(lock):
-                with quiet_transformers():
-                    model.save_pretrained(staging)
-                save_preprocessing(preprocessing, staging)
+                save_model(model, preprocessing, staging)
                 if arrays:
                     _save_arrays(staging / ARRAYS_FILE, arrays)
                 _refuse_pickles(staging)  # save_pretrained must have written safetensors only
@@ -274,21 +271,15 @@ class ModelStore:
 
         Reads safetensors only; a version folder holding any pickle-format file is refused.
         """
-        import torch
-        from transformers import AutoModelForImageClassification
+        # Here, not at the top: the store is built at load time, torch only when a model is read.
+        from mri_assets.core.model import load_saved_model
 
         folder = self._complete_version(version)
         _refuse_pickles(folder)
-        with quiet_transformers():
-            model = AutoModelForImageClassification.from_pretrained(
-                str(folder), use_safetensors=True, trust_remote_code=False, dtype=torch.float32
-            )
-        return model.eval(), read_preprocessing(folder)
+        return load_saved_model(folder)
 
     def load_arrays(self, version: str) -> dict[str, np.ndarray]:
         """The named arrays stored with ``version`` (empty for a version saved without any)."""
-        from safetensors.numpy import load_file
-
         path = self._complete_version(version) / ARRAYS_FILE
         return load_file(str(path)) if path.is_file() else {}
 
@@ -557,8 +548,6 @@ def _refuse_pickles(folder: Path) -> None:
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-
     save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(path))
 
 

@@ -39,12 +39,8 @@ from mri_assets.core.devices import Placement, fast_cuda_kernels, model_on, plac
 from mri_assets.core.embedding_cache import EmbeddingCache
 from mri_assets.core.inference import channels_last, embed
 from mri_assets.core.metrics import roc_auc
-from mri_assets.core.model import (
-    Preprocessing,
-    head_linear,
-    preprocess_pixels,
-    weights_fingerprint,
-)
+from mri_assets.core.model import head_linear, preprocess_pixels, weights_fingerprint
+from mri_assets.core.preprocessing import Preprocessing
 from mri_assets.core.recipe import Augmentation, EpochMetrics, TrainConfig
 
 if TYPE_CHECKING:

@@ -10,12 +10,7 @@ import dagster as dg
 from pydantic import Field, model_validator
 
 from mri_assets.core import catalog
-from mri_assets.core.evaluation import (
-    Evaluation,
-    evaluate,
-    evaluation_plots_markdown,
-    metrics_metadata,
-)
+from mri_assets.core.evaluation import Evaluation, evaluation_plots_markdown, metrics_metadata
 from mri_assets.core.evaluation_records import (
     STANDINGS_COLUMNS,
     find_evaluation,
@@ -275,6 +270,8 @@ class TestBench:
     ) -> Evaluation:
         """The recorded evaluation of ``version``, else this model's (probabilities calibrated
         by ``temperature``), computed and recorded."""
+        from mri_assets.core.inference import evaluate
+
         found = self.recorded(version)
         if found is not None:
             return found

@@ -8,7 +8,8 @@ import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from mri_assets.core.inference import embed, predict_probabilities
-from mri_assets.core.model import Preprocessing, preprocess_pixels
+from mri_assets.core.model import preprocess_pixels
+from mri_assets.core.preprocessing import Preprocessing
 
 PREPROCESSING = Preprocessing(32)
 

@@ -20,18 +20,20 @@ from mri_assets.core.inference import predict_probabilities
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.model import (
     EMBEDDED_IMAGE_SIZE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     RESNET50_ARCHITECTURE,
-    Preprocessing,
-    UnsafeWeightsError,
     load_base_model,
     preprocess_pixels,
-    read_preprocessing,
     save_preprocessing,
     weights_fingerprint,
 )
+from mri_assets.core.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    read_preprocessing,
+)
 from mri_assets.core.recipe import recommended_config
+from mri_assets.core.safe_weights import UnsafeWeightsError, refuse_pickle_only
 from mri_assets.core.train import fine_tune
 
 CLASSES = ClassSpec()
@@ -200,7 +202,7 @@ def test_every_pickle_suffix_is_refused(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_bytes(b"not even read")
 
     with pytest.raises(UnsafeWeightsError, match=name.replace(".", r"\.")):
-        model_module.refuse_pickle_only(tmp_path)
+        refuse_pickle_only(tmp_path)
 
 
 def test_preprocessing_round_trips_through_preprocessor_config(tmp_path: Path) -> None:
@@ -326,7 +328,7 @@ def test_preprocessing_is_saved_without_the_transformers_5_class(
         getattr(transformers, "ConvNextImageProcessorPil", None)
         or transformers.ConvNextImageProcessor
     )
-    monkeypatch.setitem(sys.modules, "transformers", older)
+    monkeypatch.setattr(model_module, "transformers", older)
     wanted = Preprocessing(64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
 
     save_preprocessing(wanted, tmp_path)

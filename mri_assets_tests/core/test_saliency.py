@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from mri_assets.core.model import Preprocessing
+from mri_assets.core.preprocessing import Preprocessing
 from mri_assets.core.recipe import TrainConfig
 from mri_assets.core.saliency import grad_cam, last_convolutional_stage, overlay_png
 from mri_assets.core.train import fine_tune

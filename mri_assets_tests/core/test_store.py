@@ -19,7 +19,8 @@ import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from mri_assets.core import store as store_module
-from mri_assets.core.model import Preprocessing, weights_fingerprint
+from mri_assets.core.model import weights_fingerprint
+from mri_assets.core.preprocessing import Preprocessing
 from mri_assets.core.store import ModelStore, ModelStoreError, code_version
 
 PREPROCESSING = Preprocessing(40, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))

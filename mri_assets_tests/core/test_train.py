@@ -436,7 +436,8 @@ def test_mixed_precision_path_trains_and_predicts(base, train_set, test_set) -> 
 
 
 def _augmentation_batch() -> torch.Tensor:
-    from mri_assets.core.model import Preprocessing, preprocess_pixels
+    from mri_assets.core.model import preprocess_pixels
+    from mri_assets.core.preprocessing import Preprocessing
 
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(64)]
@@ -446,7 +447,7 @@ def _augmentation_batch() -> torch.Tensor:
 
 
 def test_augmentation_is_seeded_and_flips_both_ways() -> None:
-    from mri_assets.core.model import Preprocessing
+    from mri_assets.core.preprocessing import Preprocessing
     from mri_assets.core.recipe import Augmentation
     from mri_assets.core.train import augment_batch
 

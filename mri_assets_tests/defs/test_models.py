@@ -257,12 +257,8 @@ def test_a_resnet50_shaped_checkpoint_trains_with_its_recipe_and_is_promoted_and
     pretrained recipe (linear-probe warm start, then the whole network at a lower backbone
     learning rate) for an epoch at a small size, is evaluated, promoted and served."""
     from mri_assets.cli import main as cli_main
-    from mri_assets.core.model import (
-        RESNET50_ARCHITECTURE,
-        Preprocessing,
-        random_resnet,
-        save_preprocessing,
-    )
+    from mri_assets.core.model import RESNET50_ARCHITECTURE, random_resnet, save_preprocessing
+    from mri_assets.core.preprocessing import Preprocessing
     from mri_assets.core.recipe import PRETRAINED_RECIPE
 
     folder = tmp_path / "resnet-50-random"
