@@ -8,6 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mri_assets.core.store import ModelStore, ModelStoreError
 from mri_assets.settings import Settings
 
 
@@ -94,10 +95,8 @@ def cmd_seed_landing(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_store(settings: Settings):
+def open_store(settings: Settings) -> ModelStore:
     """The model store: local, or in the MRI_STORE bucket with the local folder as its cache."""
-    from mri_assets.core.store import ModelStore
-
     return ModelStore(settings.model_store_dir, settings.remote("models"))
 
 
@@ -247,8 +246,6 @@ def format_auc(auc: float | None) -> str:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Point the deployment back at an earlier version, then mirror it into DuckDB."""
-    from mri_assets.core.store import ModelStoreError
-
     settings = Settings.from_env()
     store = open_store(settings)
     try:
@@ -349,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except Exception as error:
-        from mri_assets.core.store import ModelStoreError
-
         if not isinstance(error, ModelStoreError):
             raise
         # An unreachable MRI_STORE, a lost race: the message says what to do; no traceback.

@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m mri_assets.gpu_check OUT_DIR            # on a machine with a GPU
     PYTHONPATH=. python -m mri_assets.gpu_check OUT_DIR --cpu-dry-run   # tiny, CPU only
 
-Needs only torch, transformers, numpy, Pillow (pandas and scikit-learn are not even imported)
+Needs only torch, transformers, numpy, Pillow, pandas (scikit-learn is not even imported)
 and this project's ``core``: no Dagster, no network, no hub download. The ResNet-50-shaped
 model is built from a ResNetConfig with random weights and saved as a local checkpoint, so the
 checkpoint path (fresh two-class head, linear-probe warm start) is what gets exercised.
@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
 
 from mri_assets.core.devices import (
     Placement,
@@ -60,14 +63,16 @@ from mri_assets.core.model import (
     EMBEDDED_ARCHITECTURE,
     RESNET50_ARCHITECTURE,
     BaseModel,
-    Preprocessing,
     load_base_model,
     quiet_transformers,
     random_resnet,
     save_preprocessing,
 )
 from mri_assets.core.phantoms import CLASSES, generate_slice
+from mri_assets.core.preprocessing import Preprocessing
 from mri_assets.core.recipe import TrainConfig, recommended_config
+from mri_assets.core.saliency import grad_cam
+from mri_assets.core.serving import ServedModel, fit_statistics
 from mri_assets.core.train import fine_tune
 
 # Largest allowed |P(positive) difference| to the CPU float32 prediction of the same model on
@@ -174,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_check(out: Path, *, cpu_dry_run: bool = False, seed: int = 0) -> int:
     """Run the check and write the report; the process exit status (see the module doc)."""
-    import torch
 
     started = time.perf_counter()
     environment = _environment()
@@ -408,9 +412,6 @@ def _check_serving(
     fitted on the train and validation images; calibrated scores with OOD flags; Grad-CAM), on
     the device under test against the CPU in float32. Contrast-inverted test slices stand in for
     scans from another scanner: the detector should flag them and not the test slices."""
-    from mri_assets.core.saliency import grad_cam
-    from mri_assets.core.serving import ServedModel, fit_statistics
-
     cells = {"cpu_fp32": placement("cpu", False), _cell_name(where): where}
     outliers = [255 - pixels for pixels in phantoms.test_pixels]
     scanned = [*phantoms.test_pixels, *outliers]
@@ -521,8 +522,6 @@ def _train_rate(
     model: Any, where: Placement, image_size: int, batch: int, seconds: float
 ) -> dict[str, Any]:
     """Bare training steps (forward, backward, AdamW) on random inputs: the hardware's rate."""
-    import torch
-    import torch.nn.functional as F
 
     trainee = copy.deepcopy(model).to(where.device).to(memory_format=torch.channels_last)
     trainee.train()
@@ -549,7 +548,6 @@ def _inference_rate(
     model: Any, where: Placement, image_size: int, batch: int, seconds: float
 ) -> dict[str, Any]:
     """Bare forward passes in eval and inference mode on preprocessed random inputs."""
-    import torch
 
     runner = copy.deepcopy(model).to(where.device).to(memory_format=torch.channels_last).eval()
     generator = torch.Generator().manual_seed(0)
@@ -595,8 +593,6 @@ def _round(value: float | None) -> float | None:
 
 
 def _environment() -> dict[str, Any]:
-    import torch
-    import transformers
 
     environment: dict[str, Any] = {
         "python": platform.python_version(),

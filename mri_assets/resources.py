@@ -16,9 +16,11 @@ from pydantic import Field, PrivateAttr
 
 from mri_assets.core import warehouse
 from mri_assets.core.catalog import Column
+from mri_assets.core.embedding_cache import EmbeddingCache
 from mri_assets.core.landing import S3_CLIENT_SETTINGS, Landing, LocalLanding, S3Landing
 from mri_assets.core.landing_events import LandingQueue
 from mri_assets.core.pixel_cache import PixelCache
+from mri_assets.core.store import ModelStore
 from mri_assets.core.warehouse import CatalogLocation
 from mri_assets.settings import SETTING, Settings
 
@@ -219,16 +221,12 @@ class ModelStoreResource(dg.ConfigurableResource):
     def root_path(self) -> Path:
         return Path(self.root) if self.root else self.settings.resolve().model_store_dir
 
-    def open(self):
-        from mri_assets.core.store import ModelStore
-
+    def open(self) -> ModelStore:
         return ModelStore(self.root_path(), self.settings.resolve().remote("models"))
 
     def base_root(self) -> Path:
         return self.open().base_root
 
-    def embedding_cache(self):
-        from mri_assets.core.embedding_cache import EmbeddingCache
-
+    def embedding_cache(self) -> EmbeddingCache:
         settings = self.settings.resolve()
         return EmbeddingCache(settings.embedding_cache_dir, settings.remote("embeddings"))
