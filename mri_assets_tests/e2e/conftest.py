@@ -364,7 +364,8 @@ class Deployment:
 
 
 def land_faults(train: Path, outside: Path) -> None:
-    """A link out of the landing zone and a scan whose name is not UTF-8, beside the scans."""
+    """A link out of the landing zone and a scan whose name is not UTF-8, put straight into the
+    landing zone's ``train`` folder beside the scans."""
     outside.mkdir()
     os.symlink(outside, train / "glioma-outside-link")
     with open(os.fsencode(train) + b"/glioma \xff.png", "wb") as handle:
@@ -408,8 +409,8 @@ def format_runs(runs: list[dict], since: float) -> str:
 def deployment(dagster_dev, tmp_path_factory) -> Deployment:
     root = tmp_path_factory.mktemp("dataset")
     data = make_dataset(root / "first", 24, 24, 128, seed=0)
-    land_faults(data / "train", root / "private")
     landed_at = dagster_dev.land(data)
+    land_faults(dagster_dev.landing / "train", root / "private")  # `upload` would not copy them
     killed_run, killed_at = dagster_dev.kill_training_worker()
 
     def deployed():
