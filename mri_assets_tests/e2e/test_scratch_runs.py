@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+from pathlib import Path
 
 import boto3
 import pytest
@@ -23,7 +24,7 @@ import yaml
 
 from mri_assets.launcher import SCRATCH_HOME_TAG, SCRATCH_PREFIX
 from mri_assets_tests.conftest import png_bytes
-from mri_assets_tests.e2e.conftest import REPO, DagsterDev, executable, make_dataset
+from mri_assets_tests.e2e.conftest import REPO, DagsterDev, executable, format_runs, make_dataset
 from mri_assets_tests.postgres import DATABASE, USERNAME, PostgresServer, running_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("postgres")]
@@ -131,6 +132,12 @@ class ScratchRunsDagsterDev(PostgresDagsterDev):
         return time.time()
 
 
+def captured_log(relative: Path) -> bool:
+    """A step's or a sensor tick's captured stdout/stderr, as Dagster's local compute log
+    manager keeps them under DAGSTER_HOME/storage/."""
+    return relative.parts[0] == "storage" and relative.suffix in (".out", ".err", ".complete")
+
+
 class FolderWatcher:
     """Lists a folder every few tenths of a second, keeping every entry name ever seen."""
 
@@ -210,6 +217,7 @@ def test_every_run_in_its_own_scratch_home_reaches_a_served_model(server, tmp_pa
 
         runs = server.wait_for(all_runs_ended, 120, "every run to end")
     print(f"landing -> deployed_model: {deployment.timestamp - landed_at:.1f}s")
+    print(format_runs(runs, landed_at))
     assert deployment.metadata["decision"] == "promote"
     print("UI errors after the restart:\n" + "\n".join(server.server_errors))
     assert all("server closed the connection unexpectedly" in e for e in server.server_errors)
@@ -257,12 +265,15 @@ def test_every_run_in_its_own_scratch_home_reaches_a_served_model(server, tmp_pa
     # Nothing was left in the MRI_HOME of the code server, the daemon and the sensors.
     left = sorted(str(p.relative_to(server.mri_home)) for p in server.mri_home.rglob("*"))
     assert left == [], left
-    # DAGSTER_HOME holds its config and the steps' captured stdout/stderr (compute logs, local:
+    # DAGSTER_HOME holds its config and the captured logs of steps and sensor ticks (Dagster's
+    # local compute logs: storage/<run>/compute_logs/*, storage/__repository__/<sensor>/<tick>.*;
     # README), nothing else: no SQLite storage, no pickled outputs of an fs_io_manager.
     kept = [
-        str(p.relative_to(server.dagster_home))
+        str(relative)
         for p in server.dagster_home.rglob("*")
-        if p.is_file() and "compute_logs" not in p.parts and p.name != "dagster.yaml"
+        if p.is_file()
+        and (relative := p.relative_to(server.dagster_home)) != Path("dagster.yaml")
+        and not captured_log(relative)
     ]
     assert kept == [], kept
 
