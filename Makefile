@@ -9,7 +9,7 @@ PORT ?= 3000
 # Generated data set `make dev` lands: default, or hard (`make dev PHANTOMS=hard`).
 PHANTOMS ?= default
 
-.PHONY: install dev test lint format bench bench-quick gpu-check clean
+.PHONY: install dev test test-fast lint format bench bench-quick gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ dev: install $(DAGSTER_HOME)/dagster.yaml
 # Lint first: a formatting or lint finding fails the run in a second, before the slow tests.
 test: install lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# The suite without the tests that start `dagster dev` or a browser: for the edit-test loop.
+test-fast: install lint
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not e2e and not browser"
 
 lint:
 	$(BIN)/ruff format --check .

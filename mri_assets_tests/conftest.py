@@ -160,3 +160,10 @@ def fake_slack(monkeypatch):
     monkeypatch.setenv("MRI_SLACK_API_URL", server.url)
     yield server
     server.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The grouped tests (each group one real `dagster dev` session, minutes long) first: under
+    `-n 2 --dist loadgroup` each worker then starts on one of those groups at once and the short
+    tests fill in around them, instead of a group starting last and running on alone."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

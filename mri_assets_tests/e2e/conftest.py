@@ -1,10 +1,12 @@
-"""One real `dagster dev` per test worker, shared by the e2e and browser tests.
+"""One real `dagster dev` on the default instance, shared by the e2e, healing and browser tests.
 
 `dagster_dev` starts the server (own process group, temporary MRI_HOME and DAGSTER_HOME) and stops
-it by signalling that group. `deployment` lands a small generated data set and waits, bounded,
-until the automation has carried it to `deployed_model`; both test files use it, so the pipeline
-runs once per worker. Both files carry the same xdist_group mark so `--dist loadgroup` puts them on
-one worker.
+it by signalling that group. `deployment` lands a small generated data set, with a scan whose name
+is not UTF-8 and a link out of the landing zone among it, kills the training run's worker with
+SIGKILL mid-training, and waits, bounded, until the automation has carried the landing to
+`deployed_model` all the same. The three test files use it, so the pipeline runs once per worker
+(each `dagster dev` pass costs a minute or more of this machine's two cores); they carry the same
+xdist_group mark so `--dist loadgroup` puts them on one worker.
 """
 
 import contextlib
@@ -21,8 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dagster as dg
+import duckdb
 import pytest
 
+from mri_assets.core.catalog import exclusive_lock
+from mri_assets.launcher import worker_started
 from mri_assets_tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -257,6 +263,34 @@ class DagsterDev:
         data = self.graphql(RUNS, {"limit": limit})
         return data["runsOrError"].get("results", [])
 
+    def run_with(self, asset: str, status: str) -> dict | None:
+        """The newest run that selected ``asset`` and has ``status``."""
+        for run in self.runs():
+            selected = {"/".join(a["path"]) for a in run["assetSelection"] or []}
+            if asset in selected and run["status"] == status:
+                return run
+        return None
+
+    def kill_training_worker(self) -> tuple[dict, float]:
+        """SIGKILL the worker of the first training run once its training step is in progress:
+        (that run, when it was killed)."""
+        training = self.wait_for(
+            lambda: self.run_with("fine_tuned_model", "STARTED"),
+            DEPLOY_TIMEOUT,
+            "a training run to start",
+        )
+        with dg.DagsterInstance.from_config(str(self.dagster_home)) as instance:
+
+            def worker_pid():
+                run = self.run_with("fine_tuned_model", "STARTED") or {}
+                steps = {s["stepKey"]: s["status"] for s in run.get("stepStats", [])}
+                started = worker_started(instance, training["runId"])
+                return started and steps.get("fine_tuned_model") == "IN_PROGRESS" and started[0]
+
+            pid = self.wait_for(worker_pid, DEPLOY_TIMEOUT, "training to be in progress")
+        os.kill(pid, signal.SIGKILL)
+        return training, time.time()
+
     def runs_summary(self) -> str:
         try:
             runs = self.runs()
@@ -318,11 +352,38 @@ def dagster_dev(tmp_path_factory):
 
 @dataclass
 class Deployment:
-    """The first landing, carried to deployed_model by the running server."""
+    """The first landing, carried to deployed_model by the running server through the faults."""
 
     landed_at: float
     deployed: Materialization
+    killed_run: dict  # the training run whose worker was killed
+    killed_at: float
+    catalogue: dict  # what the DuckDB catalogue held right after the deployment
+    landed_entries: int  # files and links in the landing zone at that moment
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def land_faults(train: Path, outside: Path) -> None:
+    """A link out of the landing zone and a scan whose name is not UTF-8, put straight into the
+    landing zone's ``train`` folder beside the scans."""
+    outside.mkdir()
+    os.symlink(outside, train / "glioma-outside-link")
+    with open(os.fsencode(train) + b"/glioma \xff.png", "wb") as handle:
+        handle.write(b"not even an image")
+
+
+def read_catalogue(server: DagsterDev) -> dict:
+    """The accepted count, the rejections and the count of contents in both splits, read under
+    the catalogue's lock (a run may be writing)."""
+    database = server.mri_home / "mri.duckdb"
+    with exclusive_lock(database), duckdb.connect(str(database), read_only=True) as conn:
+        accepted = conn.execute("SELECT count(*) FROM images").fetchall()[0][0]
+        rejected = dict(conn.execute("SELECT source_key, reason FROM rejected_images").fetchall())
+        shared = conn.execute(
+            "SELECT count(*) FROM (SELECT content_id FROM images WHERE split IN ('train', 'test') "
+            "GROUP BY content_id HAVING count(DISTINCT split) > 1)"
+        ).fetchall()[0][0]
+    return {"accepted": accepted, "rejected": rejected, "in_both_splits": shared}
 
 
 def format_runs(runs: list[dict], since: float) -> str:
@@ -346,18 +407,24 @@ def format_runs(runs: list[dict], since: float) -> str:
 
 @pytest.fixture(scope="session")
 def deployment(dagster_dev, tmp_path_factory) -> Deployment:
-    data = make_dataset(tmp_path_factory.mktemp("dataset") / "first", 24, 24, 128, seed=0)
+    root = tmp_path_factory.mktemp("dataset")
+    data = make_dataset(root / "first", 24, 24, 128, seed=0)
     landed_at = dagster_dev.land(data)
+    land_faults(dagster_dev.landing / "train", root / "private")  # `upload` would not copy them
+    killed_run, killed_at = dagster_dev.kill_training_worker()
 
     def deployed():
         latest = dagster_dev.latest("deployed_model")
-        return latest if latest and latest.timestamp > landed_at else None
+        return latest if latest and latest.timestamp > killed_at else None
 
     materialization = dagster_dev.wait_for(
-        deployed, DEPLOY_TIMEOUT, "deployed_model to be materialized after the first landing"
+        deployed, DEPLOY_TIMEOUT, "deployed_model to be materialized after the kill"
     )
+    catalogue = read_catalogue(dagster_dev)
+    landed = sum(len(files) for _, _, files in os.walk(dagster_dev.landing))
     timings = {
         "server startup (to GraphQL + code location)": dagster_dev.startup_seconds,
+        "landing -> training worker killed": killed_at - landed_at,
         "landing -> deployed_model materialized": materialization.timestamp - landed_at,
     }
     report = "\n".join(f"{k}: {v:.1f}s" for k, v in timings.items())
@@ -365,7 +432,15 @@ def deployment(dagster_dev, tmp_path_factory) -> Deployment:
     print(report)
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "e2e-timings.txt").write_text(report + "\n")
-    return Deployment(landed_at, materialization, timings)
+    return Deployment(
+        landed_at=landed_at,
+        deployed=materialization,
+        killed_run=killed_run,
+        killed_at=killed_at,
+        catalogue=catalogue,
+        landed_entries=landed + 1,  # os.walk lists the link to a folder as a folder
+        timings=timings,
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,8 +1,13 @@
 """Proof, on one machine, that no run needs anything on the machine it runs on: `dagster dev` on
-the Postgres instance with MRI_LANDING and MRI_STORE in S3 (moto's server over HTTP) and
-MRI_CATALOG in PostgreSQL, and the launcher's `scratch_home_per_run`, so every run starts in its
-own new, empty MRI_HOME that is deleted when it ends. Scans landed in S3 reach deployed_model;
-then `mri-assets predict` serves the model from a third, empty MRI_HOME with only MRI_STORE set.
+the shipped Postgres instance (dagster.postgres.yaml) and a real PostgreSQL server, with
+MRI_LANDING and MRI_STORE in S3 (moto's server over HTTP) and MRI_CATALOG in PostgreSQL, and the
+launcher's `scratch_home_per_run`, so every run starts in its own new, empty MRI_HOME that is
+deleted when it ends. PostgreSQL is stopped as by a crash (`pg_ctl stop -m immediate`) while a
+model is being trained, and started again. Scans landed in S3 reach deployed_model all the same;
+the runs and their events are rows in Postgres; then `mri-assets predict` serves the model from a
+third, empty MRI_HOME with only MRI_STORE set.
+
+One `dagster dev` pass for all of it: each costs a minute or more of this machine's two cores.
 """
 
 import json
@@ -10,6 +15,8 @@ import os
 import subprocess
 import threading
 import time
+import urllib.error
+from pathlib import Path
 
 import boto3
 import pytest
@@ -17,14 +24,18 @@ import yaml
 
 from mri_assets.launcher import SCRATCH_HOME_TAG, SCRATCH_PREFIX
 from mri_assets_tests.conftest import png_bytes
-from mri_assets_tests.e2e.conftest import REPO, executable, make_dataset
-from mri_assets_tests.e2e.test_postgres import PostgresDagsterDev
-from mri_assets_tests.postgres import DATABASE, USERNAME, running_postgres
+from mri_assets_tests.e2e.conftest import REPO, DagsterDev, executable, format_runs, make_dataset
+from mri_assets_tests.postgres import DATABASE, USERNAME, PostgresServer, running_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("postgres")]
 
 TIMEOUT = 8 * 60
 CLASSES = ("glioma", "meningioma")
+# Longer than dagster-postgres's own reconnect attempts (a few, a fraction of a second apart),
+# so the outage is one that its retries cannot hide.
+OUTAGE_SECONDS = 10
+# Run, event-log and schedule storage: one pooled webserver connection each.
+POOLED_CONNECTIONS = 3
 
 
 def aws_environment(endpoint: str) -> dict[str, str]:
@@ -46,6 +57,37 @@ def s3_client(endpoint: str):
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
     )
+
+
+class PostgresDagsterDev(DagsterDev):
+    """`dagster dev` with DAGSTER_HOME holding dagster.postgres.yaml and DAGSTER_PG_* set.
+
+    After Postgres restarts, the webserver's storages each hold one pooled connection to the old
+    server (dagster-webserver keeps one open per storage, without a liveness check), and the first
+    request through each fails once with a server error; the pool then reconnects. Each such
+    error is kept in ``server_errors`` (what a user would see) and the call is made again."""
+
+    instance_config = REPO / "dagster.postgres.yaml"
+
+    def __init__(self, root, postgres: PostgresServer) -> None:
+        super().__init__(root)
+        self.postgres = postgres
+        self.server_errors: list[str] = []
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env.update(self.postgres.environment())
+        return env
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+        while True:
+            try:
+                return super().graphql(query, variables, timeout)
+            except urllib.error.HTTPError as error:
+                body = error.read().decode(errors="replace")
+                self.server_errors.append(f"{error.code}: {body[:200]}")
+                if error.code != 500 or len(self.server_errors) > POOLED_CONNECTIONS:
+                    raise
 
 
 class ScratchRunsDagsterDev(PostgresDagsterDev):
@@ -88,6 +130,12 @@ class ScratchRunsDagsterDev(PostgresDagsterDev):
             capture_output=True,
         )
         return time.time()
+
+
+def captured_log(relative: Path) -> bool:
+    """A step's or a sensor tick's captured stdout/stderr, as Dagster's local compute log
+    manager keeps them under DAGSTER_HOME/storage/."""
+    return relative.parts[0] == "storage" and relative.suffix in (".out", ".err", ".complete")
 
 
 class FolderWatcher:
@@ -133,11 +181,25 @@ def server(tmp_path, moto_server, bucket):
             dev.stop()
 
 
+def crash_postgres_during_training(server: ScratchRunsDagsterDev) -> dict:
+    """Stop PostgreSQL as by a crash once a training run has started, start it again
+    OUTAGE_SECONDS later; returns the training run."""
+    training = server.wait_for(
+        lambda: server.run_with("fine_tuned_model", "STARTED"), TIMEOUT, "a training run to start"
+    )
+    server.postgres.stop("immediate")
+    time.sleep(OUTAGE_SECONDS)
+    server.postgres.start()
+    return training
+
+
 def test_every_run_in_its_own_scratch_home_reaches_a_served_model(server, tmp_path):
     started = time.time()
     data = make_dataset(tmp_path / "scans", 24, 24, 128, seed=0)
     with FolderWatcher(server.scratch_root) as watcher:
         landed_at = server.land(data)
+        training = crash_postgres_during_training(server)
+        print(f"postgres down from +{time.time() - OUTAGE_SECONDS - landed_at:.0f}s")
 
         def deployed():
             latest = server.latest("deployed_model")
@@ -155,6 +217,31 @@ def test_every_run_in_its_own_scratch_home_reaches_a_served_model(server, tmp_pa
 
         runs = server.wait_for(all_runs_ended, 120, "every run to end")
     print(f"landing -> deployed_model: {deployment.timestamp - landed_at:.1f}s")
+    print(format_runs(runs, landed_at))
+    assert deployment.metadata["decision"] == "promote"
+    print("UI errors after the restart:\n" + "\n".join(server.server_errors))
+    assert all("server closed the connection unexpectedly" in e for e in server.server_errors)
+
+    # The training run either missed the outage or failed in it and was retried to success.
+    by_id = {run["runId"]: run for run in runs}
+    trained = by_id[training["runId"]]["status"]
+    retries = [  # newest first, as runs() lists them
+        run
+        for run in runs
+        if {"key": "dagster/root_run_id", "value": training["runId"]} in run["tags"]
+    ]
+    print(f"training run: {trained}; its retries: {[r['status'] for r in retries]}")
+    assert trained == "SUCCESS" or (trained == "FAILURE" and retries[0]["status"] == "SUCCESS")
+
+    # What the UI showed is what Postgres holds: every run, with its status, and the events.
+    stored = dict(server.postgres.query("SELECT run_id, status FROM runs"))
+    assert stored == {run_id: run["status"] for run_id, run in by_id.items()}
+    materialized = server.postgres.query(
+        "SELECT count(*) FROM event_logs "
+        "WHERE dagster_event_type = 'ASSET_MATERIALIZATION' AND asset_key = %s",
+        ('["deployed_model"]',),
+    )[0][0]
+    assert materialized >= 1
 
     # Every run had its own scratch MRI_HOME, seen while it ran, gone once it ended.
     homes = {}
@@ -178,12 +265,15 @@ def test_every_run_in_its_own_scratch_home_reaches_a_served_model(server, tmp_pa
     # Nothing was left in the MRI_HOME of the code server, the daemon and the sensors.
     left = sorted(str(p.relative_to(server.mri_home)) for p in server.mri_home.rglob("*"))
     assert left == [], left
-    # DAGSTER_HOME holds its config and the steps' captured stdout/stderr (compute logs, local:
+    # DAGSTER_HOME holds its config and the captured logs of steps and sensor ticks (Dagster's
+    # local compute logs: storage/<run>/compute_logs/*, storage/__repository__/<sensor>/<tick>.*;
     # README), nothing else: no SQLite storage, no pickled outputs of an fs_io_manager.
     kept = [
-        str(p.relative_to(server.dagster_home))
+        str(relative)
         for p in server.dagster_home.rglob("*")
-        if p.is_file() and "compute_logs" not in p.parts and p.name != "dagster.yaml"
+        if p.is_file()
+        and (relative := p.relative_to(server.dagster_home)) != Path("dagster.yaml")
+        and not captured_log(relative)
     ]
     assert kept == [], kept
 
