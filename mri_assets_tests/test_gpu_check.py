@@ -34,10 +34,14 @@ def test_without_a_gpu_it_says_so_and_exits_0(
 
 
 def test_cpu_dry_run_from_a_checkout_needs_no_dagster(tmp_path: Path) -> None:
-    # As on the GPU machine: PYTHONPATH=. from the checkout, in a fresh interpreter.
+    # As on the GPU machine: PYTHONPATH=. from the checkout, in a fresh interpreter. Every step
+    # and both models as they are (the ResNet-50-shaped one at full width), on fewer images and
+    # with the shortest bare-loop measurements.
     script = (
-        "import sys\n"
+        "import dataclasses, sys\n"
         "from mri_assets import gpu_check\n"
+        "gpu_check.DRY_RUN_SIZES = dataclasses.replace(gpu_check.DRY_RUN_SIZES, n_train=16,\n"
+        "    n_test=8, cpu_batch=2, seconds_per_measurement=0.0)\n"
         f"status = gpu_check.main([{str(tmp_path / 'out')!r}, '--cpu-dry-run'])\n"
         "heavy = {'dagster', 'duckdb', 'boto3', 'slack_sdk', 'matplotlib'}\n"
         "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
