@@ -39,6 +39,28 @@ def jpeg_bytes(seed: int = 0, size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cores_shared_between_xdist_workers():
+    """Under pytest-xdist, each worker (and every process it starts) computes on its share of the
+    cores. torch's default of one thread per core in each of the workers oversubscribes them, and
+    OpenMP threads spinning at their barriers then slow training several times over (measured:
+    core/test_train.py and test_model.py with -n 2 on 2 cores, 46 s against 18 s)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        yield
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", str(threads))  # read by processes the tests start
+        torch = sys.modules.get("torch")  # already imported by the collected test modules
+        previous = torch.get_num_threads() if torch else None
+        if torch:
+            torch.set_num_threads(threads)
+        yield
+        if torch:
+            torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def mri_env(tmp_path, monkeypatch) -> Path:
     """A private MRI_HOME for one test, with settings read from it."""

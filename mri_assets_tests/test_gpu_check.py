@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mri_assets import gpu_check
+from mri_assets.core.model import RESNET50_ARCHITECTURE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,14 @@ def test_without_a_gpu_it_says_so_and_exits_0(
 
 
 def test_cpu_dry_run_from_a_checkout_needs_no_dagster(tmp_path: Path) -> None:
-    # As on the GPU machine: PYTHONPATH=. from the checkout, in a fresh interpreter.
+    # As on the GPU machine: PYTHONPATH=. from the checkout, in a fresh interpreter. Every step
+    # and both models as they are (the ResNet-50-shaped one at full width), on fewer images and
+    # with the shortest bare-loop measurements.
     script = (
-        "import sys\n"
+        "import dataclasses, sys\n"
         "from mri_assets import gpu_check\n"
+        "gpu_check.DRY_RUN_SIZES = dataclasses.replace(gpu_check.DRY_RUN_SIZES, n_train=16,\n"
+        "    n_test=8, cpu_batch=2, seconds_per_measurement=0.0)\n"
         f"status = gpu_check.main([{str(tmp_path / 'out')!r}, '--cpu-dry-run'])\n"
         "heavy = {'dagster', 'duckdb', 'boto3', 'slack_sdk', 'matplotlib'}\n"
         "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
@@ -70,9 +75,15 @@ def test_cpu_dry_run_from_a_checkout_needs_no_dagster(tmp_path: Path) -> None:
     assert "## resnet50" in markdown and "| cpu_bf16 |" in markdown
 
 
+# The ResNet-50 layout (bottleneck blocks in 3-4-6-3 stages) at a sliver of its widths: the check
+# handles it exactly as the real one, without building, saving and training 25M parameters.
+TINY_RESNET50 = {**RESNET50_ARCHITECTURE, "embedding_size": 8, "hidden_sizes": [16, 32, 64, 128]}
+
+
 @pytest.fixture
 def tiny_dry_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dry-run sizes smaller still, for tests of the check's own logic."""
+    """Dry-run sizes and a ResNet-50-shaped model smaller still, for tests of the check's own
+    logic (test_cpu_dry_run_from_a_checkout_needs_no_dagster runs the real ones)."""
     tiny = dataclasses.replace(
         gpu_check.DRY_RUN_SIZES,
         n_train=16,
@@ -86,6 +97,7 @@ def tiny_dry_run(monkeypatch: pytest.MonkeyPatch) -> None:
         seconds_per_measurement=0.0,
     )
     monkeypatch.setattr(gpu_check, "DRY_RUN_SIZES", tiny)
+    monkeypatch.setattr(gpu_check, "RESNET50_ARCHITECTURE", TINY_RESNET50)
 
 
 def test_predictions_outside_the_tolerance_fail_the_check(

@@ -308,7 +308,9 @@ def test_resnet50_shaped_checkpoint_loads_trains_an_epoch_and_predicts(
 def test_from_pretrained_gets_the_dtype_keyword_its_transformers_knows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import transformers
+    # The module object core/model.py reads: transformers 5 can put another lazy module object
+    # under sys.modules["transformers"] after that import, so `import transformers` here may not be it.
+    transformers = model_module.transformers
 
     monkeypatch.setattr(transformers, "__version__", "4.46.3")
     assert model_module._dtype_keyword() == "torch_dtype"

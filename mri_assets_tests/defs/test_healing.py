@@ -16,7 +16,7 @@ import dagster_duckdb.resource
 import duckdb
 import pytest
 
-from mri_assets.core.landing import LocalLanding
+from mri_assets.core.landing import S3_CLIENT_SETTINGS, LocalLanding
 from mri_assets.defs import ingest
 from mri_assets.launcher import LocalRunLauncher
 from mri_assets_tests.conftest import png_bytes
@@ -160,7 +160,15 @@ def test_the_launcher_reports_a_run_worker_killed_with_sigkill():
 
 
 def test_a_hanging_s3_endpoint_fails_a_sensor_tick_well_inside_the_sensor_timeout(monkeypatch):
-    """An endpoint that accepts connections and never answers."""
+    """An endpoint that accepts connections and never answers. A tick waits at most the attempts
+    times the connect and read timeouts of S3_CLIENT_SETTINGS: that bound must end well inside
+    Dagster's 60 s sensor timeout. The hang itself runs with a 2 s read timeout (the same code
+    path, a fifth of the wait): the tick must take at least both attempts' read timeouts, which
+    shows that the settings are the ones that ended it."""
+    attempts = S3_CLIENT_SETTINGS["retries"]["total_max_attempts"]
+    worst = attempts * (S3_CLIENT_SETTINGS["connect_timeout"] + S3_CLIENT_SETTINGS["read_timeout"])
+    assert worst <= 30, S3_CLIENT_SETTINGS
+    monkeypatch.setitem(S3_CLIENT_SETTINGS, "read_timeout", 2)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -177,5 +185,5 @@ def test_a_hanging_s3_endpoint_fails_a_sensor_tick_well_inside_the_sensor_timeou
         tick(None, "s3://hanging/landing", instance)
     elapsed = time.monotonic() - started
     listener.close()
-    assert accepted and elapsed < 30  # Dagster's sensor timeout is 60 s
+    assert accepted and attempts * 2 <= elapsed < 30  # Dagster's sensor timeout is 60 s
     print(f"hanging endpoint: tick failed after {elapsed:.1f}s")

@@ -17,10 +17,11 @@ ALL = [*defs.assets, *defs.asset_checks]
 # An unchanged train set does not re-materialize train_images (so automation never retrains on
 # nothing new); a deliberate retrain selects the model assets themselves.
 RETRAIN = ["fine_tuned_model", "candidate_evaluation", "deployed_model"]
-# Enough training to beat the baseline clearly (the one test that needs a good model).
-FAST = {"epochs": 15, "image_size": 96, "batch_size": 16}
+# Enough training to beat the baseline clearly (the one test that needs a good model): ROC AUC
+# about 0.9 on these phantoms at 48 px, against 0.94 for 15 epochs at 96 px in a tenth the time.
+FAST = {"epochs": 14, "image_size": 48, "batch_size": 16}
 # A candidate that cannot learn anything: one tiny step.
-USELESS = {"epochs": 1, "image_size": 96, "batch_size": 16, "learning_rate": 1e-9}
+USELESS = {"epochs": 1, "image_size": 32, "batch_size": 16, "learning_rate": 1e-9}
 # Any model will do where the test is about the gate's plumbing, not the model's quality; a
 # negative MRI_PROMOTION_MARGIN then makes it eligible for promotion.
 TINY = {"epochs": 1, "image_size": 32, "batch_size": 16}
