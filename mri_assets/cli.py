@@ -8,6 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mri_assets.core.calibration import NOT_RECORDED, Temperature
 from mri_assets.core.store import ModelStore, ModelStoreError
 from mri_assets.settings import Settings
 
@@ -231,6 +232,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({record.get('n_train')} images, strategy {record.get('config', {}).get('strategy')}, "
         f"best epoch {record.get('best_epoch')})"
     )
+    for line in served_statistics(deployed["version"], record):
+        print(f"  {line}")
     print("history (newest first):")
     for entry in reversed(store.deployment_history()):
         print(
@@ -238,6 +241,29 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"AUC {format_auc(entry['auc'])}"
         )
     return 0
+
+
+def served_statistics(version: str, record: dict) -> list[str]:
+    """What `predict` and `predictions` apply to this version's scores, as its training record
+    stores it (core/serving.ModelStatistics.to_record): the temperature and the OOD threshold."""
+    missing = f"model version {version} was {NOT_RECORDED}"
+    temperature = Temperature.from_record(record.get("calibration"), missing)
+    if temperature.reason:
+        calibration = f"none (temperature 1): {temperature.reason}"
+    else:
+        calibration = (
+            f"temperature {temperature.value:.4g}, fitted on {temperature.fitted_on} "
+            "validation images"
+        )
+    ood = record.get("ood") or {}
+    if ood.get("available"):
+        flag = (
+            f"Mahalanobis distance above {ood['threshold']:.4g} (the {ood['percentile']:g}th "
+            f"percentile of {ood['fitted_on']} out-of-fold train and validation scores)"
+        )
+    else:
+        flag = f"none: {ood.get('reason') or missing}"
+    return [f"calibration: {calibration}", f"out-of-distribution flag: {flag}"]
 
 
 def format_auc(auc: float | None) -> str:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mri_assets.cli import main
+from mri_assets.cli import main, served_statistics
+from mri_assets.core.calibration import Temperature
 from mri_assets.core.images import decode_image
 from mri_assets.core.labels import ClassSpec
 from mri_assets.core.landing import S3Landing
@@ -121,6 +122,9 @@ def test_status_and_rollback(store_with_two_versions, mri_env, capsys):
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert f"deployed: {second}" in out and "0.9500" in out and first in out
+    # A version stored without statistics: served uncalibrated and unflagged, and status says so.
+    assert f"calibration: none (temperature 1): model version {second} was stored before" in out
+    assert f"out-of-distribution flag: none: model version {second} was stored before" in out
     assert main(["rollback"]) == 0
     assert store.deployed()["version"] == first
     assert "recorded 3 deployment row(s)" in capsys.readouterr().out
@@ -154,6 +158,25 @@ def deployed_with_statistics(mri_env, tmp_path):
     )
     store.promote(version, 0.9, "s1", "first")
     return version, files, statistics
+
+
+def test_status_shows_the_temperature_and_ood_threshold_served(deployed_with_statistics, capsys):
+    version, _, statistics = deployed_with_statistics
+    capsys.readouterr()
+
+    assert main(["status"]) == 0
+
+    out = capsys.readouterr().out
+    assert f"deployed: {version}" in out
+    # 8 validation images: too few to fit a temperature, and status gives the recorded reason.
+    assert f"calibration: none (temperature 1): {statistics.temperature.reason}" in out
+    assert f"Mahalanobis distance above {statistics.ood.threshold:.4g} (the 99th percentile" in out
+
+
+def test_status_shows_a_fitted_temperature():
+    fitted = Temperature(value=0.61, fitted_on=76, nll_before=0.5, nll_after=0.4)
+    lines = served_statistics("v1", {"calibration": fitted.to_record()})
+    assert lines[0] == "calibration: temperature 0.61, fitted on 76 validation images"
 
 
 def test_predict_reports_ood_score_and_flag_and_explains(

@@ -18,6 +18,10 @@ MIN_VALIDATION_IMAGES = 10
 LOG_T_BOUND = 3.0
 
 
+# Why a version has neither temperature nor OOD detector (read by core/serving.py and `status`).
+NOT_RECORDED = "stored before calibration and OOD statistics were recorded; retrain to get them"
+
+
 @dataclass(frozen=True)
 class Temperature:
     """The fitted temperature (1.0 when not fitted, with ``reason`` saying why)."""

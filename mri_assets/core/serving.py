@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mri_assets.core.calibration import Temperature, fit_temperature, softmax
+from mri_assets.core.calibration import NOT_RECORDED, Temperature, fit_temperature, softmax
 from mri_assets.core.inference import logits_and_features, predict_probabilities
 from mri_assets.core.ood import CROSS_FIT_FOLDS, OodDetector, fit_ood
 
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
     from mri_assets.core.preprocessing import Preprocessing
     from mri_assets.core.store import ModelStore
-
-NOT_RECORDED = "stored before calibration and OOD statistics were recorded; retrain to get them"
 
 
 @dataclass(frozen=True)
