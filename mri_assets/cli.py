@@ -8,7 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mri_assets.core.calibration import NOT_RECORDED, Temperature
+from mri_assets.core.calibration import Temperature, not_recorded
 from mri_assets.core.store import ModelStore, ModelStoreError
 from mri_assets.settings import Settings
 
@@ -246,7 +246,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def served_statistics(version: str, record: dict) -> list[str]:
     """What `predict` and `predictions` apply to this version's scores, as its training record
     stores it (core/serving.ModelStatistics.to_record): the temperature and the OOD threshold."""
-    missing = f"model version {version} was {NOT_RECORDED}"
+    missing = not_recorded(version)
     temperature = Temperature.from_record(record.get("calibration"), missing)
     if temperature.reason:
         calibration = f"none (temperature 1): {temperature.reason}"

@@ -18,8 +18,12 @@ MIN_VALIDATION_IMAGES = 10
 LOG_T_BOUND = 3.0
 
 
-# Why a version has neither temperature nor OOD detector (read by core/serving.py and `status`).
-NOT_RECORDED = "stored before calibration and OOD statistics were recorded; retrain to get them"
+def not_recorded(version: str) -> str:
+    """Why ``version`` has neither temperature nor OOD detector (core/serving.py, `status`)."""
+    return (
+        f"model version {version} was stored before calibration and OOD statistics were "
+        "recorded; retrain to get them"
+    )
 
 
 @dataclass(frozen=True)

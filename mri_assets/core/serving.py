@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mri_assets.core.calibration import NOT_RECORDED, Temperature, fit_temperature, softmax
+from mri_assets.core.calibration import Temperature, fit_temperature, not_recorded, softmax
 from mri_assets.core.inference import logits_and_features, predict_probabilities
 from mri_assets.core.ood import CROSS_FIT_FOLDS, OodDetector, fit_ood
 
@@ -52,7 +52,7 @@ class ModelStatistics:
     def from_stored(
         cls, version: str, record: dict[str, Any], arrays: dict[str, np.ndarray]
     ) -> ModelStatistics:
-        missing = f"model version {version} was {NOT_RECORDED}"
+        missing = not_recorded(version)
         temperature = Temperature.from_record(record.get("calibration"), missing)
         ood_record = record.get("ood") or {}
         if not ood_record:
